@@ -1,0 +1,132 @@
+"""Division of the latent code into per-level components (CHIMLE Sect. 2.2, "Division of latent code").
+
+The code z of a Tower Implicit Model with L levels is split into L components z_1..z_L, ordered
+from the coarsest level to the finest. Component z_l feeds level l only:
+
+    z_l = (style_l, noise_l)
+      style_l : (N, code_dim)                  global code, drives the mapping network (global stream)
+      noise_l : (N, noise_channels, h_l, w_l)  spatial noise at level l's input resolution (local stream)
+
+A batch of codes is a plain ``list[Component]`` (one entry per level, possibly fewer than L for a
+partial code). Everything here is a pure function of tensors, so the search can replace one level's
+component, repeat codes for m candidates, or pick the winners without touching the model.
+
+    layout = LatentLayout(code_dim=128, noise_channels=5, sizes=[(32, 32), (64, 64)])
+    codes = layout.sample(4, generator=torch.Generator().manual_seed(0))
+    codes = replace(codes, level=2, component=layout.sample_level(2, 4))
+    z = flatten(codes)                      # (4, n) with n = sum_l k_l
+    assert all(torch.equal(a.noise, b.noise) for a, b in zip(unflatten(z, layout), codes))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Component", "Codes", "LatentLayout", "replace", "repeat", "index", "cat", "flatten", "unflatten", "to"]
+
+
+class Component(NamedTuple):
+    """The latent component z_l of one level for a batch."""
+
+    style: Tensor  # (N, code_dim)
+    noise: Tensor  # (N, noise_channels, h_l, w_l)
+
+
+Codes = list[Component]
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """Shapes of the components z_1..z_L for one input size (the noise follows the level's resolution)."""
+
+    code_dim: int
+    noise_channels: int
+    sizes: tuple[tuple[int, int], ...]  # (h_l, w_l) per level, coarsest first
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", tuple(tuple(s) for s in self.sizes))
+
+    @property
+    def levels(self) -> int:
+        return len(self.sizes)
+
+    def dims(self) -> list[int]:
+        """k_l, the number of dimensions of each component (sum = n, the size of z)."""
+        return [self.code_dim + self.noise_channels * h * w for h, w in self.sizes]
+
+    def sample_level(self, level: int, n: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> Component:
+        """Draw n i.i.d. N(0, I) components for `level` (1-based)."""
+        h, w = self.sizes[level - 1]
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        style = torch.randn(n, self.code_dim, generator=generator, device=device)
+        noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=device)
+        return Component(style, noise)
+
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, levels: int | None = None) -> Codes:
+        """Draw n whole codes (components of levels 1..levels, default all)."""
+        return [self.sample_level(l, n, generator, device) for l in range(1, (self.levels if levels is None else levels) + 1)]
+
+    def zeros(self, n: int, device: torch.device | str | None = None) -> Codes:
+        """The all-zero code, used for the cIMLE pretraining stage (z = 0)."""
+        return [Component(torch.zeros(n, self.code_dim, device=device),
+                          torch.zeros(n, self.noise_channels, h, w, device=device)) for h, w in self.sizes]
+
+
+def replace(codes: Codes, level: int, component: Component) -> Codes:
+    """A copy of `codes` whose component at `level` (1-based) is `component`; other levels untouched."""
+    out = list(codes)
+    if level == len(out) + 1:
+        out.append(component)
+    else:
+        out[level - 1] = component
+    return out
+
+
+def repeat(codes: Codes, m: int) -> Codes:
+    """Each code repeated m times in place: row i becomes rows i*m .. i*m+m-1."""
+    return [Component(c.style.repeat_interleave(m, 0), c.noise.repeat_interleave(m, 0)) for c in codes]
+
+
+def index(codes: Codes, idx: Tensor | Sequence[int] | slice) -> Codes:
+    """Rows `idx` of every component."""
+    if not codes:
+        return []
+    if not isinstance(idx, slice):
+        idx = torch.as_tensor(idx, device=codes[0].style.device, dtype=torch.long)
+    return [Component(c.style[idx], c.noise[idx]) for c in codes]
+
+
+def cat(batches: Sequence[Codes]) -> Codes:
+    """Concatenate batches of codes along the batch dimension."""
+    return [Component(torch.cat([b[l].style for b in batches]), torch.cat([b[l].noise for b in batches]))
+            for l in range(len(batches[0]))]
+
+
+def to(codes: Codes, device: torch.device | str, dtype: torch.dtype | None = None) -> Codes:
+    return [Component(c.style.to(device, dtype), c.noise.to(device, dtype)) for c in codes]
+
+
+def flatten(codes: Codes) -> Tensor:
+    """z in R^n: the components concatenated in level order, each as (style, noise.flatten())."""
+    return torch.cat([torch.cat([c.style, c.noise.flatten(1)], 1) for c in codes], 1)
+
+
+def unflatten(z: Tensor, layout: LatentLayout) -> Codes:
+    """Inverse of `flatten` for a full code of `layout`."""
+    if z.shape[1] != sum(layout.dims()):
+        raise ValueError(f"code has {z.shape[1]} dims, layout expects {sum(layout.dims())}")
+    out, offset = [], 0
+    for h, w in layout.sizes:
+        style = z[:, offset:offset + layout.code_dim]
+        offset += layout.code_dim
+        k = layout.noise_channels * h * w
+        noise = z[:, offset:offset + k].reshape(-1, layout.noise_channels, h, w)
+        offset += k
+        out.append(Component(style, noise))
+    return out

@@ -1,0 +1,383 @@
+"""The Tower Implicit Model (TIM): TIM paper Sect. 4.1/4.3, CHIMLE paper Sect. 2.3 and appendix A.
+
+A chain of L levels ("modules"), each at twice the resolution of the previous. Level l has
+  * a local stream: input conv -> RRDB blocks (weight-normalised convs) -> conv, with a skip;
+  * a global stream: a mapping network turning the level's global code (and the w of all earlier
+    levels) into w_l, which drives an AdaIN after every RRDB: x = (1 + gamma) * IN(x) + beta;
+  * an output head (conv -> tanh -> (x + 1) / 2), so every level emits an image in [0, 1] that is
+    supervised against the target downsampled to that level (intermediate supervision);
+  * a latent component z_l = (global code, spatial noise channels), see `chimle.latent`.
+
+Two layouts:
+  "same"    (night-to-day, decompression, colourisation): the input is downsampled to every level;
+            level l works at full / 2^(L-l) and its output has the size of its input.
+  "upscale" (super-resolution by 2^L): level 1 reads the input, each later level reads the previous
+            level's output (as the authors' code does); level l outputs input * 2^l.
+
+    cfg = TowerConfig.preset("tiny", layout="upscale")
+    model = TowerModel(cfg)
+    codes = model.sample_codes(2, generator=torch.Generator().manual_seed(0))
+    outs = model(x, codes)                   # list of L images in [0, 1], coarsest first
+    y2 = model.partial(x, codes, level=2)    # runs levels 1..2 only; == outs[1]
+
+`python -m chimle.model` prints the parameter counts of the presets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from .latent import Codes, Component, LatentLayout
+
+__all__ = ["TowerConfig", "TowerModel", "LevelState", "NormStats", "downsample"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' configuration (see REFERENCE.md): 210.62 M parameters in the "upscale" layout; the
+    # "same" layout has no upsampler after the last level (it would be unused): 210.55 M.
+    "paper": dict(levels=4, channels=(128, 64, 64, 64), growth=(256, 192, 128, 64), blocks=6,
+                  code_dim=128, noise_channels=5, mapping_width=512, mapping_layers=8),
+    # Same shape, narrower and shallower: trains on a CPU in minutes at 64-128 px.
+    "small": dict(levels=3, channels=(64, 32, 32), growth=(32, 32, 16), blocks=2,
+                  code_dim=32, noise_channels=3, mapping_width=128, mapping_layers=4),
+    # For unit tests and the CPU demo.
+    "tiny": dict(levels=3, channels=(16, 12, 8), growth=(8, 8, 8), blocks=1,
+                 code_dim=8, noise_channels=2, mapping_width=32, mapping_layers=2),
+}
+
+
+@dataclass
+class TowerConfig:
+    """Architecture of a Tower Implicit Model. Per-level tuples are ordered coarsest first."""
+
+    levels: int = 4                          # L, number of levels (modules); each doubles the resolution
+    layout: str = "same"                     # "same" (output size == input size) or "upscale" (x 2^L)
+    in_channels: int = 3                     # channels of the conditioning input (1 for colourisation's L)
+    out_channels: int = 3                    # channels of every level's output (2 for colourisation's ab)
+    channels: tuple[int, ...] = (128, 64, 64, 64)    # nf: feature channels of each level's local stream
+    growth: tuple[int, ...] = (256, 192, 128, 64)    # gc: growth channels of the dense blocks
+    blocks: int = 6                          # RRDBs per level, each followed by an AdaIN
+    code_dim: int = 128                      # size of each level's global code (input of the mapping net)
+    noise_channels: int = 5                  # spatial noise channels of each level's latent component
+    mapping_width: int = 512                 # width of the mapping network's layers (size of w)
+    mapping_layers: int = 8                  # linear layers per mapping network
+    feature_scale: float = 0.1               # scale of the previous level's feature fed to the next level
+    residual_scale: float = 0.2              # beta, residual scaling in dense blocks and around each RRDB
+    input_size: int = 256                    # default input side for `sample_codes` (32 for 16x SR)
+
+    def __post_init__(self) -> None:
+        self.channels, self.growth = tuple(self.channels), tuple(self.growth)
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if self.layout not in ("same", "upscale"):
+            raise ValueError(f"layout must be 'same' or 'upscale', got {self.layout!r}")
+        for name in ("channels", "growth"):
+            if len(getattr(self, name)) != self.levels:
+                raise ValueError(f"{name} needs one entry per level ({self.levels}), got {getattr(self, name)}")
+        if self.mapping_layers < 2:
+            raise ValueError("mapping_layers must be >= 2 (a first layer plus the layer that mixes earlier w)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TowerConfig":
+        """A named configuration ("paper", "small", "tiny"); any field can be overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        base = dict(PRESETS[name])
+        levels = overrides.get("levels", base["levels"])
+        if levels != base["levels"]:  # stretch per-level tuples to a different depth
+            for k in ("channels", "growth"):
+                if k not in overrides:
+                    base[k] = tuple(base[k][min(i, len(base[k]) - 1)] for i in range(levels))
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TowerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TowerConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @property
+    def scale(self) -> int:
+        """Output side / input side."""
+        return 2 ** self.levels if self.layout == "upscale" else 1
+
+    def level_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
+        """Input resolution of each level (where its noise lives) for an input of h x w."""
+        if self.layout == "upscale":
+            return [(h << l, w << l) for l in range(self.levels)]
+        f = 2 ** (self.levels - 1)
+        if h % f or w % f:
+            raise ValueError(f"input {h}x{w} must be divisible by 2^(levels-1) = {f} for the 'same' layout")
+        return [(h * 2 ** l // f, w * 2 ** l // f) for l in range(self.levels)]
+
+    def output_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
+        """Output resolution of each level."""
+        k = 2 if self.layout == "upscale" else 1
+        return [(a * k, b * k) for a, b in self.level_sizes(h, w)]
+
+
+def downsample(img: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bicubic resize of images in [0, 1] (the level pyramid of inputs and targets)."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def wn_conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
+    """A weight-normalised conv (Salimans & Kingma 2016); the TIM applies it to every conv."""
+    return weight_norm(nn.Conv2d(cin, cout, k, padding=k // 2))
+
+
+def act() -> nn.LeakyReLU:
+    return nn.LeakyReLU(0.2)
+
+
+class DenseBlock(nn.Module):
+    """Residual dense block: 5 convs, each seeing all earlier features (ESRGAN, TIM Fig. 5b)."""
+
+    def __init__(self, nf: int, gc: int, beta: float):
+        super().__init__()
+        self.convs = nn.ModuleList(wn_conv(nf + i * gc, gc if i < 4 else nf) for i in range(5))
+        self.beta = beta
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = [x]
+        for i, conv in enumerate(self.convs):
+            y = conv(torch.cat(feats, 1))
+            if i < 4:
+                feats.append(F.leaky_relu(y, 0.2))
+        return x + self.beta * y
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: 3 dense blocks with an outer residual (TIM Fig. 5a)."""
+
+    def __init__(self, nf: int, gc: int, beta: float):
+        super().__init__()
+        self.body = nn.Sequential(*(DenseBlock(nf, gc, beta) for _ in range(3)))
+        self.beta = beta
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.beta * self.body(x)
+
+
+def adain(x: Tensor, style: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-5) -> Tensor:
+    """x = (1 + gamma) * InstanceNorm(x) + beta with [gamma, beta] = style (N, 2C)."""
+    n, c = x.shape[:2]
+    gamma, beta = style.view(n, 2 * c, 1, 1).chunk(2, 1)
+    return (1 + gamma) * ((x - mean) * torch.rsqrt(var + eps)) + beta
+
+
+class MappingNetwork(nn.Module):
+    """Global stream of one level: its code -> w_l; level l > 1 also reads w_1..w_{l-1}."""
+
+    def __init__(self, code_dim: int, width: int, layers: int, level: int):
+        super().__init__()
+        self.first = nn.Linear(code_dim, width)
+        self.mix = nn.Linear(width * level, width)  # own first-layer output + w of the earlier levels
+        self.rest = nn.ModuleList(nn.Linear(width, width) for _ in range(layers - 2))
+
+    def forward(self, style: Tensor, earlier_w: list[Tensor]) -> Tensor:
+        h = F.leaky_relu(self.first(style), 0.2)
+        h = F.leaky_relu(self.mix(torch.cat([h, *earlier_w], 1)), 0.2)
+        for lin in self.rest:
+            h = F.leaky_relu(lin(h), 0.2)
+        return h
+
+
+class Level(nn.Module):
+    """One module of the tower (TIM Fig. 4)."""
+
+    def __init__(self, cfg: TowerConfig, i: int):
+        super().__init__()
+        nf, gc = cfg.channels[i], cfg.growth[i]
+        image_ch = cfg.in_channels if (i == 0 or cfg.layout == "same") else cfg.out_channels
+        prev_nf = cfg.channels[i - 1] if i > 0 else 0
+        self.upscale = cfg.layout == "upscale"
+        self.mapping = MappingNetwork(cfg.code_dim, cfg.mapping_width, cfg.mapping_layers, i + 1)
+        self.conv_in = wn_conv(image_ch + cfg.noise_channels + prev_nf, nf)
+        self.rrdbs = nn.ModuleList(RRDB(nf, gc, cfg.residual_scale) for _ in range(cfg.blocks))
+        self.styles = nn.ModuleList(nn.Linear(cfg.mapping_width, 2 * nf) for _ in range(cfg.blocks))
+        self.conv_trunk = wn_conv(nf, nf)
+        # Upsampling: nearest x2, conv, LeakyReLU, conv, LeakyReLU. In the "same" layout it makes the
+        # feature handed to the next level (the last level has none); in "upscale" it precedes the head.
+        has_up = self.upscale or i < cfg.levels - 1
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), wn_conv(nf, nf), act(),
+                                wn_conv(nf, nf), act()) if has_up else None
+        self.head = wn_conv(nf, cfg.out_channels)
+
+    def forward(self, image: Tensor, z: Component, prev_feature: Tensor | None, earlier_w: list[Tensor],
+                stats: NormStats | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Returns (output image in [0, 1], feature at 2x for the next level, w of this level).
+
+        `stats` overrides the instance-norm statistics of the AdaINs (see `NormStats`).
+        """
+        w = self.mapping(z.style, earlier_w)
+        parts = [image, z.noise.to(image.dtype)]
+        if prev_feature is not None:
+            parts.append(prev_feature)
+        feat = self.conv_in(torch.cat(parts, 1))
+        x = feat
+        for j, (rrdb, style) in enumerate(zip(self.rrdbs, self.styles)):
+            x = rrdb(x)
+            if stats is not None and stats.fixed:
+                mean, var = stats.values[j]
+            else:
+                var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, unbiased=False)
+                if stats is not None:
+                    stats.values.append((mean, var))
+            x = adain(x, style(w), mean, var)
+        feat = feat + self.conv_trunk(x)
+        if self.upscale:
+            feat = self.up(feat)
+            return (torch.tanh(self.head(feat)) + 1) / 2, feat, w
+        out = (torch.tanh(self.head(feat)) + 1) / 2
+        return out, (self.up(feat) if self.up is not None else None), w
+
+
+@dataclass
+class NormStats:
+    """Instance-norm statistics (mean, var), each (N, C, 1, 1), of one level's AdaINs.
+
+    fixed=False records the statistics a pass computes; fixed=True makes a pass use the given ones.
+    Tiled inference needs this: AdaIN normalises over the whole image, so every tile must use the
+    whole image's statistics or its tone drifts from tile to tile.
+    """
+
+    values: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    fixed: bool = False
+
+
+class LevelState(NamedTuple):
+    """What level l+1 needs from levels 1..l: lets the search run one level at a time."""
+
+    inputs: list[Tensor]         # the conditioning input at every level's resolution
+    feature: Tensor | None       # feature handed to the next level (already upsampled)
+    ws: list[Tensor]             # w_1..w_l of the global streams
+    output: Tensor | None        # the level-l output (the partial output)
+
+    def index(self, idx: Tensor) -> "LevelState":
+        """Rows `idx` of the batch (used to expand one input's state over m candidates)."""
+        take = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        return LevelState([take(t) for t in self.inputs], take(self.feature), [take(w) for w in self.ws],
+                          take(self.output))
+
+
+class TowerModel(nn.Module):
+    """The Tower Implicit Model. `forward(x, codes)` returns one output per level, each in [0, 1]."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.levels = nn.ModuleList(Level(cfg, i) for i in range(cfg.levels))
+        self.reset_parameters()
+
+    # -- initialisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Kaiming init that reaches the weight-normalised convs.
+
+        Weight norm stores weight = g * v / ||v||; writing `.weight` (as the authors' code does) is
+        overwritten on the next access. We init the direction v and set g = scale * ||v||, so the
+        effective weight is exactly scale * kaiming. Convs inside dense blocks get scale 0.1 (ESRGAN)
+        so the deep residual stack starts close to the identity, and so do the output heads, so
+        that the tanh starts unsaturated.
+        """
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                scale = 0.1 if (".body." in name or name.endswith(".head")) else 1.0
+                v = m.parametrizations.weight.original1
+                nn.init.kaiming_normal_(v, a=0.2, mode="fan_in", nonlinearity="leaky_relu")
+                m.parametrizations.weight.original0.copy_(scale * v.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
+        for level in self.levels:  # AdaIN starts as plain instance norm: gamma = beta = 0
+            for style in level.styles:
+                style.weight.mul_(0.01)
+
+    # -- latent codes ---------------------------------------------------------------------------
+    def latent_layout(self, input_hw: tuple[int, int] | None = None) -> LatentLayout:
+        h, w = input_hw if input_hw is not None else (self.cfg.input_size, self.cfg.input_size)
+        return LatentLayout(self.cfg.code_dim, self.cfg.noise_channels, tuple(self.cfg.level_sizes(h, w)))
+
+    def sample_codes(self, batch_size: int, generator: torch.Generator | None = None,
+                     input_hw: tuple[int, int] | None = None, device: torch.device | str | None = None) -> Codes:
+        """Draw whole codes z ~ N(0, I), one component per level, for inputs of size `input_hw`."""
+        device = device if device is not None else self.device
+        return self.latent_layout(input_hw).sample(batch_size, generator, device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- forward --------------------------------------------------------------------------------
+    def initial_state(self, x: Tensor) -> LevelState:
+        """Check x and build the input pyramid (coarsest first)."""
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"input must be (N, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        sizes = self.cfg.level_sizes(*x.shape[-2:])
+        inputs = [x] if self.cfg.layout == "upscale" else [downsample(x, s) for s in sizes]
+        return LevelState(inputs, None, [], None)
+
+    def step(self, level: int, state: LevelState, z: Component, stats: NormStats | None = None) -> LevelState:
+        """Run `level` (1-based) on top of the state left by levels 1..level-1."""
+        if self.cfg.layout == "upscale" and level > 1:
+            image = state.output
+        else:
+            image = state.inputs[level - 1]
+        out, feat, w = self.levels[level - 1](image, z, None if level == 1 else self.cfg.feature_scale * state.feature,
+                                              state.ws, stats)
+        return LevelState(state.inputs, feat, [*state.ws, w], out)
+
+    def forward(self, x: Tensor, codes: Codes, stats: list[NormStats] | None = None) -> list[Tensor]:
+        """Outputs of levels 1..len(codes) (a code may cover fewer levels than the tower has).
+
+        `stats`, one `NormStats` per level, records or fixes the AdaIN statistics (tiled inference).
+        """
+        if not 1 <= len(codes) <= self.cfg.levels:
+            raise ValueError(f"codes must have 1..{self.cfg.levels} components, got {len(codes)}")
+        state, outs = self.initial_state(x), []
+        for level, z in enumerate(codes, 1):
+            state = self.step(level, state, z, None if stats is None else stats[level - 1])
+            outs.append(state.output)
+        return outs
+
+    def partial(self, x: Tensor, codes: Codes, level: int) -> Tensor:
+        """The partial output of `level`: runs levels 1..level only (CHIMLE "partial evaluation")."""
+        return self.forward(x, codes[:level])[-1]
+
+    def num_parameters(self, level: int | None = None) -> int:
+        params = self.parameters() if level is None else self.levels[level - 1].parameters()
+        return sum(p.numel() for p in params)
+
+    def mapping_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the global streams' mapping networks (trained at lr x 0.01, as the authors)."""
+        return [p for lv in self.levels for p in lv.mapping.parameters()]
+
+
+def _main() -> None:
+    for name in PRESETS:
+        model = TowerModel(TowerConfig.preset(name))
+        per_level = ", ".join(f"{model.num_parameters(l) / 1e6:.2f}" for l in range(1, model.cfg.levels + 1))
+        print(f"{name:6s} {model.num_parameters() / 1e6:8.2f} M parameters (per level: {per_level} M)")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,227 @@
+"""The IMLE selection: find, for each input, the latent code whose output is nearest the observed image.
+
+* `flat`          cIMLE (Li*, Peng*, Zhang*, Malik, IJCV 2020, Eq. 1): draw m whole codes, run the
+                  full model on each, keep the argmin of d(f(x, z_j), y).
+* `hierarchical`  CHIMLE (Peng, Li, NeurIPS 2022, Algorithm 1): level by level, keep the components
+                  already chosen, draw m_l candidates for the next component, judge each by the
+                  partial output of that level against the target downsampled to it, keep the argmin.
+
+Both run without gradients, in chunks of candidates sized from a memory budget, and compute each
+target's distance features once per level (not once per chunk). They return the chosen codes and
+the distances of those codes at the last level.
+
+    codes, dists = hierarchical(model, x, y, chimle.LPIPS("vgg"), samples_per_level=[200, 200, 20, 10])
+    codes, dists = flat(model, x, y, chimle.LPIPS("vgg"), num_samples=430)
+
+`x` is the input batch and `y` the observed outputs at full resolution, both in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+from . import latent
+from .latent import Codes
+from .model import LevelState, TowerModel, downsample
+
+__all__ = ["hierarchical", "flat", "ablation", "ABLATIONS", "chunk_rows", "parse_bytes"]
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+ToRGB = Callable[[Tensor, Tensor], Tensor]  # (level output, level input) -> RGB image in [0, 1]
+
+
+def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, samples_per_level: Sequence[int],
+                 generator: torch.Generator | None = None, *, iterative: bool = True, partial: bool = True,
+                 to_rgb: ToRGB | None = None, memory_budget: int | str | None = None) -> tuple[Codes, Tensor]:
+    """CHIMLE latent search, Algorithm 1 of the CHIMLE paper, for a batch of inputs.
+
+    for l = 1..L:  draw m_l candidates z_l^(j);  y~_l^(j) = l-th output of f(x, (z*_1..z*_{l-1}, z_l^(j)));
+                   z*_l = argmin_j d(y_l, y~_l^(j))
+
+    The switches give the ablations of the paper's Fig. 7:
+      iterative=False  "no IC" (no iterative combination): component l is judged with fresh random
+                       z_1..z_{l-1} for every candidate instead of the chosen z*_1..z*_{l-1}; only the
+                       winner's z_l is kept, and the chosen components are combined at the end.
+      partial=False    "no PE" (no partial evaluation): every candidate is completed with fresh random
+                       components for levels l+1..L and judged by the final output against the
+                       full-resolution target instead of by the level-l output.
+      (no CD, no code division, is `flat`: whole codes, one selection; see `ablation`.)
+
+    Returns the chosen codes (one component per level, batch N) and d(y_L, y~_L) of those codes, (N,).
+    """
+    if len(samples_per_level) != model.cfg.levels:
+        raise ValueError(f"samples_per_level needs one count per level ({model.cfg.levels}), got {list(samples_per_level)}")
+    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget)
+    layout, n, levels = ev.layout, x.shape[0], model.cfg.levels
+    chosen: Codes = []
+    prefix = ev.initial  # state after z*_1..z*_{l-1}
+    with ev.context():
+        for l, m in enumerate(samples_per_level, 1):
+            z_l = layout.sample_level(l, n * m, generator, ev.device)
+            if iterative:
+                start, state, comps = l, prefix, [z_l]
+            else:
+                start, state, comps = 1, ev.initial, layout.sample(n * m, generator, ev.device, levels=l - 1) + [z_l]
+            if not partial:
+                comps += [layout.sample_level(k, n * m, generator, ev.device) for k in range(l + 1, levels + 1)]
+            d = ev.score(state, start, comps, m)  # (N, m)
+            best = d.argmin(1)
+            chosen.append(latent.index([z_l], torch.arange(n, device=ev.device) * m + best)[0])
+            if iterative:
+                prefix = model.step(l, prefix, chosen[-1])
+        if iterative and partial:
+            dists = d.gather(1, best[:, None])[:, 0]
+        else:
+            dists = ev.score(ev.initial, 1, chosen, 1)[:, 0]
+    return _detach(chosen), dists.float().clone()
+
+
+def flat(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, num_samples: int,
+         generator: torch.Generator | None = None, *, to_rgb: ToRGB | None = None,
+         memory_budget: int | str | None = None, zero: bool = False) -> tuple[Codes, Tensor]:
+    """cIMLE selection (Eq. 1 of the cIMLE paper): z* = argmin_j d(f(x, z_j), y) over m whole codes.
+
+    `zero=True` returns the all-zero code (cIMLE's pretraining stage with z = 0) and its distance.
+    """
+    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget)
+    n = x.shape[0]
+    with ev.context():
+        if zero:
+            codes = ev.layout.zeros(n, ev.device)
+            return codes, ev.score(ev.initial, 1, codes, 1)[:, 0].float().clone()
+        codes = ev.layout.sample(n * num_samples, generator, ev.device)
+        d = ev.score(ev.initial, 1, codes, num_samples)
+        best = d.argmin(1)
+        chosen = latent.index(codes, torch.arange(n, device=ev.device) * num_samples + best)
+    return _detach(chosen), d.gather(1, best[:, None])[:, 0].float().clone()
+
+
+# The ablation ladder of CHIMLE Fig. 7, each a strict removal from the previous one.
+ABLATIONS = ("full", "no_ic", "no_ic_pe", "no_ic_pe_cd")
+
+
+def ablation(name: str, model: TowerModel, x: Tensor, y: Tensor, distance: Distance, samples_per_level: Sequence[int],
+             generator: torch.Generator | None = None, **kw) -> tuple[Codes, Tensor]:
+    """Search with one rung of the ablation ladder. "no_ic_pe_cd" is cIMLE with m = sum(m_l), the
+    same number of generated samples as the hierarchical search draws."""
+    if name == "no_ic_pe_cd":
+        return flat(model, x, y, distance, sum(samples_per_level), generator, **kw)
+    flags = {"full": (True, True), "no_ic": (False, True), "no_ic_pe": (False, False)}
+    if name not in flags:
+        raise ValueError(f"unknown ablation {name!r}; choose from {ABLATIONS}")
+    iterative, partial = flags[name]
+    return hierarchical(model, x, y, distance, samples_per_level, generator, iterative=iterative, partial=partial, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_bytes(budget: int | str) -> int:
+    """'512MB', '4GiB', '2G' or an int -> bytes."""
+    if isinstance(budget, (int, float)):
+        return int(budget)
+    s = budget.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 2 ** 40), ("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10), ("T", 2 ** 40),
+                       ("G", 2 ** 30), ("M", 2 ** 20), ("K", 2 ** 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(float(s))
+
+
+def default_budget(device: torch.device) -> int:
+    """Half the free GPU memory, or 2 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 2 * 2 ** 30
+
+
+def chunk_rows(model: TowerModel, levels: range, input_hw: tuple[int, int], budget: int) -> int:
+    """How many candidates fit in `budget` bytes when running `levels` and the distance on them.
+
+    Under no_grad only a few activations live at once; the widest is a dense block's concatenation
+    (nf + 4 gc channels). The factor 6 covers it, its neighbours and the distance network's features.
+    """
+    cfg, per_row = model.cfg, 0
+    elem = 2 if model.device.type == "cuda" else 4
+    outs = cfg.output_sizes(*input_hw)
+    for l in levels:
+        h, w = outs[l - 1]
+        nf, gc = cfg.channels[l - 1], cfg.growth[l - 1]
+        per_row = max(per_row, elem * h * w * (6 * (nf + 4 * gc) + 2 * 64 * 3))
+    return max(1, budget // max(per_row, 1))
+
+
+def _detach(codes: Codes) -> Codes:
+    # Inference tensors cannot be saved for backward; the training step will use these codes.
+    return [latent.Component(c.style.clone(), c.noise.clone()) for c in codes]
+
+
+class _Evaluator:
+    """Runs candidate codes through some levels and measures them, in memory-bounded chunks."""
+
+    def __init__(self, model: TowerModel, x: Tensor, y: Tensor, distance: Distance, to_rgb: ToRGB | None,
+                 memory_budget: int | str | None):
+        self.model, self.distance, self.to_rgb = model, distance, to_rgb
+        self.device = model.device
+        x, y = x.to(self.device), y.to(self.device)
+        if y.min() < 0 or y.max() > 1 or x.min() < 0 or x.max() > 1:
+            raise ValueError("search inputs and targets must be images in [0, 1]")
+        self.layout = model.latent_layout(x.shape[-2:])
+        self.input_hw = tuple(x.shape[-2:])
+        self.y = y
+        self.budget = parse_bytes(memory_budget) if memory_budget is not None else default_budget(self.device)
+        self._targets: dict[int, object] = {}
+        with self.context():
+            self.initial = model.initial_state(x)
+
+    @contextlib.contextmanager
+    def context(self):
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+               else contextlib.nullcontext())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # Weight norm recomputes every conv weight on each access; cache them for the whole search.
+            with torch.inference_mode(), parametrize.cached(), amp:
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _target(self, level: int):
+        """The level's target (or its distance features), computed once and reused for every chunk."""
+        if level not in self._targets:
+            t = downsample(self.y, self.model.cfg.output_sizes(*self.input_hw)[level - 1])
+            self._targets[level] = self.distance.features(t) if hasattr(self.distance, "features") else t
+        return self._targets[level]
+
+    def _measure(self, state: LevelState, level: int, rows: Tensor) -> Tensor:
+        out = state.output
+        if self.to_rgb is not None:
+            out = self.to_rgb(out, state.inputs[level - 1] if self.model.cfg.layout == "same" else None)
+        target = self._target(level)
+        if hasattr(self.distance, "features"):
+            feats = [f.index_select(0, rows) for f in target]
+            return self.distance.distance_from_features(self.distance.features(out.float()), feats)
+        return self.distance(out.float(), target.index_select(0, rows))
+
+    def score(self, state: LevelState, start: int, comps: Codes, m: int) -> Tensor:
+        """Distances (N, m) of candidate rows (input i, candidate j) = row i*m + j, running levels
+        start..start+len(comps)-1 on top of `state` (a state of the N inputs) and judging the last."""
+        n = state.inputs[0].shape[0]
+        stop = start + len(comps) - 1
+        step = chunk_rows(self.model, range(start, stop + 1), self.input_hw, self.budget)
+        out = torch.empty(n * m, device=self.device)
+        for lo in range(0, n * m, step):
+            rows = torch.arange(lo, min(lo + step, n * m), device=self.device)
+            inputs = torch.div(rows, m, rounding_mode="floor")
+            s = state.index(inputs)
+            for k, comp in enumerate(comps):
+                s = self.model.step(start + k, s, latent.Component(comp.style[rows], comp.noise[rows]))
+            out[rows] = self._measure(s, stop, inputs)
+        return out.view(n, m)

@@ -1,0 +1,130 @@
+"""Latent search: Algorithm 1 (CHIMLE), Eq. 1 (cIMLE) and the ablations against brute force."""
+
+import pytest
+import torch
+
+from chimle import latent
+from chimle.model import TowerConfig, TowerModel
+from chimle.search import ablation, chunk_rows, flat, hierarchical, parse_bytes
+
+
+def mse(a, b):
+    return ((a - b) ** 2).flatten(1).mean(1)
+
+
+@pytest.fixture(params=["same", "upscale"])
+def setup(request):
+    torch.manual_seed(0)
+    layout = request.param
+    model = TowerModel(TowerConfig.preset("tiny", layout=layout)).eval()
+    hw = (16, 16) if layout == "same" else (4, 6)
+    x = torch.rand(3, 3, *hw)
+    with torch.no_grad():
+        y = model(x, model.sample_codes(3, torch.Generator().manual_seed(99), input_hw=hw))[-1]
+    y = (y + 0.05 * torch.randn_like(y)).clamp(0, 1)
+    return model, x, y, hw
+
+
+def brute_hierarchical(model, x, y, counts, seed, iterative=True, partial=True):
+    """Algorithm 1 written naively: one full forward per candidate, drawing in the same order."""
+    g = torch.Generator().manual_seed(seed)
+    layout = model.latent_layout(x.shape[-2:])
+    n, L = x.shape[0], model.cfg.levels
+    chosen = []
+    with torch.no_grad():
+        for l, m in enumerate(counts, 1):
+            z_l = layout.sample_level(l, n * m, g)
+            prefix = layout.sample(n * m, g, levels=l - 1) if not iterative else None
+            suffix = [layout.sample_level(k, n * m, g) for k in range(l + 1, L + 1)] if not partial else []
+            best = []
+            for i in range(n):
+                ds = []
+                for j in range(m):
+                    r = i * m + j
+                    pre = [c for c in chosen] if iterative else latent.index(prefix, [r])
+                    pre = [latent.Component(c.style[i:i + 1], c.noise[i:i + 1]) for c in pre] if iterative else pre
+                    code = pre + latent.index([z_l], [r]) + latent.index(suffix, [r])
+                    out = model(x[i:i + 1], code)[-1]
+                    ds.append(mse(out, torch.nn.functional.interpolate(
+                        y[i:i + 1], size=out.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)).item())
+                best.append(i * m + min(range(m), key=ds.__getitem__))
+            chosen.append(latent.index([z_l], best)[0])
+        final = mse(model(x, chosen)[-1], y)
+    return chosen, final
+
+
+@pytest.mark.parametrize("iterative,partial", [(True, True), (False, True), (False, False), (True, False)])
+def test_hierarchical_is_true_argmin(setup, iterative, partial):
+    model, x, y, _ = setup
+    counts = [5, 4, 3]
+    codes, dists = hierarchical(model, x, y, mse, counts, torch.Generator().manual_seed(7),
+                                iterative=iterative, partial=partial, memory_budget=50_000)
+    ref_codes, ref_final = brute_hierarchical(model, x, y, counts, 7, iterative, partial)
+    for a, b in zip(codes, ref_codes):
+        assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
+    torch.testing.assert_close(dists, ref_final, atol=1e-6, rtol=1e-5)
+
+
+def test_flat_is_true_argmin(setup):
+    model, x, y, hw = setup
+    codes, dists = flat(model, x, y, mse, 6, torch.Generator().manual_seed(3), memory_budget=30_000)
+    cands = model.latent_layout(hw).sample(3 * 6, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for i in range(3):
+            rows = list(range(i * 6, i * 6 + 6))
+            ds = torch.stack([mse(model(x[i:i + 1], latent.index(cands, [r]))[-1], y[i:i + 1])[0] for r in rows])
+            j = int(ds.argmin())
+            assert torch.equal(codes[0].style[i], cands[0].style[rows[j]])
+            assert torch.equal(codes[-1].noise[i], cands[-1].noise[rows[j]])
+            assert abs(dists[i].item() - ds[j].item()) < 1e-6
+            assert dists[i] <= ds.min() + 1e-7
+
+
+def test_deterministic_and_chunk_independent(setup):
+    model, x, y, _ = setup
+    a = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(5), memory_budget="1GB")
+    b = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(5), memory_budget=10_000)
+    assert all(torch.equal(p.noise, q.noise) for p, q in zip(a[0], b[0]))
+    torch.testing.assert_close(a[1], b[1])
+    c = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(6))
+    assert not torch.equal(a[0][0].style, c[0][0].style)
+
+
+def test_more_samples_get_closer(setup):
+    model, x, y, _ = setup
+    few = flat(model, x, y, mse, 2, torch.Generator().manual_seed(0))[1].mean()
+    many = flat(model, x, y, mse, 64, torch.Generator().manual_seed(0))[1].mean()
+    assert many < few
+
+
+def test_ablation_ladder_and_zero_code(setup):
+    model, x, y, _ = setup
+    for name in ("full", "no_ic", "no_ic_pe", "no_ic_pe_cd"):
+        codes, d = ablation(name, model, x, y, mse, [3, 3, 2], torch.Generator().manual_seed(1))
+        assert len(codes) == 3 and d.shape == (3,)
+        with torch.no_grad():
+            torch.testing.assert_close(d, mse(model(x, codes)[-1], y), atol=1e-6, rtol=1e-5)
+    zc, zd = flat(model, x, y, mse, 1, zero=True)
+    assert all(float(c.style.abs().sum()) == 0 for c in zc)
+    with pytest.raises(ValueError):
+        ablation("no_everything", model, x, y, mse, [1, 1, 1])
+
+
+def test_search_codes_are_trainable(setup):
+    """Codes from the inference-mode search must be usable in a training forward/backward."""
+    model, x, y, _ = setup
+    codes, _ = hierarchical(model, x, y, mse, [2, 2, 2])
+    model.train()
+    loss = mse(model(x, codes)[-1], y).sum()
+    loss.backward()
+    assert model.levels[0].conv_in.parametrizations.weight.original1.grad is not None
+
+
+def test_budget_helpers(setup):
+    model, *_ = setup
+    assert parse_bytes("2GB") == 2 * 2 ** 30 and parse_bytes("512MiB") == 512 * 2 ** 20 and parse_bytes(10) == 10
+    small = chunk_rows(model, range(1, 4), (16, 16), 10 ** 6)
+    big = chunk_rows(model, range(1, 4), (16, 16), 10 ** 9)
+    assert 1 <= small < big
+    with pytest.raises(ValueError, match="one count per level"):
+        hierarchical(model, torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), mse, [1, 1])
