@@ -49,6 +49,10 @@ _JAX_CKPT = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
 _JAX_ROOT = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
 _TV_BACKBONE = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 _LIN_HEADS = {"alex": "alex.pth", "vgg": "vgg.pth"}
+# Smallest side each backbone can take (its pooling stack collapses below it). The coarse levels of a
+# tower are smaller (16 px for 8x SR from 64 px crops), so smaller images are upsampled to this side
+# (bilinear, both images alike) before the network: a documented extension, not part of LPIPS v0.1.
+_MIN_SIDE = {"alex": 32, "vgg": 16}
 _ALIASES = {"alex": "alex", "alexnet": "alex", "vgg": "vgg", "vgg16": "vgg"}
 
 
@@ -266,6 +270,9 @@ class LPIPS(nn.Module):
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # written this way so NaN fails too
             raise ValueError(f"LPIPS expects images in [0, 1] (chimle convention), got values in [{lo:.4g}, {hi:.4g}]")
         x = x.to(self.shift.dtype) * 2 - 1
+        side = min(x.shape[-2:])
+        if side < _MIN_SIDE[self.net_name]:
+            x = F.interpolate(x, scale_factor=_MIN_SIDE[self.net_name] / side, mode="bilinear", align_corners=False)
         return (x - self.shift) / self.scale
 
     def features(self, x: Tensor) -> list[Tensor]:

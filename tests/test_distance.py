@@ -164,3 +164,14 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         LPIPS("alex", weights=bad)
     assert not marker.exists()
+
+
+def test_small_images_are_upsampled_not_rejected():
+    from chimle.distance import LPIPS
+    d = LPIPS("alex")
+    a, b = torch.rand(2, 3, 16, 12), torch.rand(2, 3, 16, 12)
+    v = d(a, b)
+    assert v.shape == (2,) and (v > 0).all()
+    big = torch.nn.functional.interpolate(a * 2 - 1, scale_factor=32 / 12, mode="bilinear", align_corners=False)
+    assert torch.allclose(d.features(a)[0], d.features((big + 1) / 2)[0], atol=1e-5)
+    assert float(d(a, a).abs().max()) == 0

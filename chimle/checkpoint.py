@@ -1,0 +1,128 @@
+"""Checkpoints: full training state for resume, and safetensors + config for released weights.
+
+    save_state(path, state)                      # atomic: temp file + fsync + rename
+    state = load_state(path)
+    export("runs/x/checkpoints/last.pt", "sr8.safetensors")
+    model = chimle.load("sr8.safetensors")       # or a training checkpoint, or a name under ~/.cache/chimle/weights
+
+A training checkpoint is a torch pickle of plain tensors and numbers (model, optimizer, step, round,
+the pool's codes, RNG state, the resolved config); it is read with weights_only=True. Exported
+weights are a safetensors file whose metadata holds the model and task configuration as JSON, so
+one file is enough to sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import TowerConfig, TowerModel
+
+__all__ = ["save_state", "load_state", "export", "load", "load_with_task", "weights_dir"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message names the file."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a training state atomically; an interruption leaves the previous file intact."""
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"checkpoint '{path}' cannot be read: {str(e).splitlines()[0]}") from None
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Training checkpoint -> safetensors with {"model": TowerConfig, "task": task config} metadata."""
+    state = load_state(checkpoint)
+    meta = {"model": json.dumps(state["model_config"]), "task": json.dumps(state["task_config"]),
+            "step": str(state["step"]), "format": "chimle-1"}
+    tensors = {k: v.contiguous() for k, v in state["model"].items()}
+    out = Path(out)
+    _atomic_write(out, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+    return out
+
+
+def _safetensors_bytes(tensors: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=meta)
+
+
+def weights_dir() -> Path:
+    """Where released weights are looked up by name: $CHIMLE_HOME/weights (default ~/.cache/chimle/weights)."""
+    return Path(os.environ.get("CHIMLE_HOME", Path.home() / ".cache" / "chimle")) / "weights"
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    if not p.suffix:  # a name: look it up among the released weights
+        cand = weights_dir() / f"{p.name}.safetensors"
+        if cand.exists():
+            return cand
+        names = sorted(q.stem for q in weights_dir().glob("*.safetensors")) if weights_dir().is_dir() else []
+        raise CheckpointError(f"no weights named '{path}' in {weights_dir()} (available: {', '.join(names) or 'none'})")
+    raise CheckpointError(f"weights file '{path}' does not exist")
+
+
+def load_with_task(path: str | Path, device: str | torch.device = "cpu") -> tuple[TowerModel, dict]:
+    """(model in eval mode, task config dict) from exported weights, a training checkpoint, or a name."""
+    p = _resolve(path)
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"weights file '{p}' cannot be read: {str(e).splitlines()[0]}") from None
+        if "model" not in meta:
+            raise CheckpointError(f"weights file '{p}' has no chimle model config in its metadata")
+        model_cfg, task_cfg = json.loads(meta["model"]), json.loads(meta.get("task", "{}"))
+    else:
+        state = load_state(p)
+        if "model" not in state or "model_config" not in state:
+            raise CheckpointError(f"checkpoint '{p}' is not a chimle training checkpoint")
+        tensors, model_cfg, task_cfg = state["model"], state["model_config"], state.get("task_config", {})
+    model = TowerModel(TowerConfig.from_dict(model_cfg))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"'{p}' does not match its model config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), task_cfg
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> TowerModel:
+    """A ready model (eval mode) from exported weights, a training checkpoint, or a released name."""
+    return load_with_task(path, device)[0]

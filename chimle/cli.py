@@ -1,0 +1,185 @@
+"""The `chimle` command line: a thin wrapper over the Python API.
+
+    chimle demo [--out DIR]
+    chimle train --task sr --scale 8 --data DIR --preset tiny --out runs/NAME [--steps N] [--method chimle|cimle]
+                 [--resume] [--config FILE] [--set key=value ...]
+    chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
+    chimle export CHECKPOINT OUT.safetensors
+    chimle eval CHECKPOINT --data DIR [--num N] --out DIR
+    chimle bench speed|efficiency|ablation ...
+
+Bad input ends with one line on stderr naming the file or key and the problem (exit code 2),
+never a traceback from deep inside torch; CHIMLE_DEBUG=1 shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a tower on a folder of photos")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--task", choices=["sr", "colorize", "jpeg", "paired", "night"])
+    p.add_argument("--data", help="folder of training photos ('builtin' = scikit-image's); paired: the inputs")
+    p.add_argument("--target", help="paired task: folder of target images matched by file name")
+    p.add_argument("--val-data", help="folder of held-out photos for sample grids")
+    p.add_argument("--scale", type=int, help="sr: upscaling factor 2^levels")
+    p.add_argument("--quality", type=int, help="jpeg: JPEG quality of the inputs")
+    p.add_argument("--crop", type=int, help="training crop side at the target resolution")
+    p.add_argument("--preset", choices=["tiny", "small", "paper"])
+    p.add_argument("--out", help="run folder (default runs/NAME)")
+    p.add_argument("--name", help="run name")
+    p.add_argument("--steps", type=int, help="total training steps")
+    p.add_argument("--method", choices=["chimle", "cimle"])
+    p.add_argument("--ablation", choices=["full", "no_ic", "no_ic_pe", "no_ic_pe_cd"])
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
+
+def _train_base(a) -> dict:
+    flags = {"data.task": a.task, "data.data": a.data, "data.target": a.target, "data.val_data": a.val_data,
+             "data.scale": a.scale, "data.quality": a.quality, "data.crop": a.crop, "preset": a.preset,
+             "out": a.out, "name": a.name, "train.steps": a.steps, "search.method": a.method,
+             "search.ablation": a.ablation, "train.device": a.device, "train.seed": a.seed,
+             "data.skip_bad": True if a.skip_bad else None}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def cmd_train(a) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(a.config, a.set, base=_train_base(a))
+    t = train(cfg, resume=a.resume)
+    if t.history:
+        print(f"trained {t.step} steps, last loss {t.history[-1]['loss']:.4f}; checkpoint: {t.checkpoint_path}")
+    return 0
+
+
+def cmd_sample(a) -> int:
+    from .sample import sample_paths
+
+    written = sample_paths(a.checkpoint, a.input, a.num, a.out, seed=a.seed, from_level=a.from_level,
+                           same_code=a.same_code, interpolate_steps=a.steps if a.interpolate else 0,
+                           degrade=a.degrade, device=a.device)
+    grids = [p for p in written if p.name.endswith("_grid.png")]
+    print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .checkpoint import export
+
+    print(f"exported {export(a.checkpoint, a.out)}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    grid = run_demo(a.out, steps=a.steps, device=a.device)
+    print(f"demo grid: {grid}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .checkpoint import load_with_task
+    from .data import make_task
+    from .evaluate import evaluate
+
+    model, task_cfg = load_with_task(a.checkpoint, a.device)
+    result = evaluate(model, make_task(**task_cfg), a.data, num_samples=a.num, out_dir=a.out, crop=a.crop,
+                      seed=a.seed, max_images=a.max_images)
+    print(f"metrics: {Path(a.out) / 'metrics.json'}")
+    for k in ("fid", "kid", "fwv_0.2", "lpips_diversity"):
+        if k in result:
+            print(f"  {k}: {result[k]}")
+    return 0
+
+
+def cmd_bench(a, rest: list[str]) -> int:
+    if a.which == "speed":
+        from .benchmark import main as speed_main
+
+        return speed_main(rest)
+    from .bench_quality import main as quality_main
+
+    return quality_main([a.which, *rest])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chimle", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+
+    p = sub.add_parser("sample", help="draw N different outputs per input image")
+    p.add_argument("checkpoint", help="training checkpoint, exported .safetensors, or a released name")
+    p.add_argument("input", help="an image or a folder of images")
+    p.add_argument("--num", type=int, default=8, help="samples per input")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-level", type=int, help="keep levels < K of one code, redraw levels >= K")
+    p.add_argument("--same-code", action="store_true", help="sample k uses one code for every input")
+    p.add_argument("--interpolate", action="store_true", help="a sequence between two codes (--steps frames)")
+    p.add_argument("--steps", type=int, default=8, help="frames for --interpolate")
+    p.add_argument("--degrade", action="store_true", help="inputs are targets: make the task's input from them")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export", help="training checkpoint -> safetensors weights with their config")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+
+    p = sub.add_parser("demo", help="train a small tower on bundled photos and write a sample grid")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("eval", help="the papers' metrics on held-out images")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="folder of held-out photos (targets)")
+    p.add_argument("--num", type=int, default=10, help="samples per input")
+    p.add_argument("--out", required=True)
+    p.add_argument("--crop", type=int, default=None, help="centre-crop side (default: the model's training size)")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("bench", help="benchmarks: speed | efficiency | ablation (see --help of each)")
+    p.add_argument("which", choices=["speed", "efficiency", "ablation"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    a, rest = parser.parse_known_args(argv)
+    if rest and a.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "demo": cmd_demo, "eval": cmd_eval}
+    try:
+        if a.command == "bench":
+            return cmd_bench(a, rest)
+        return commands[a.command](a)
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        if os.environ.get("CHIMLE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"chimle {a.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
