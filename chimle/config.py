@@ -126,6 +126,11 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if not isinstance(value, tp):

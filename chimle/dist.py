@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 __all__ = ["init", "shutdown", "rank", "world_size", "is_main", "local_device", "wrap", "unwrap",
-           "all_gather_rows", "barrier", "shard"]
+           "all_gather_rows", "all_mean", "assert_in_sync", "barrier", "shard"]
 
 
 def enabled() -> bool:
@@ -78,26 +78,47 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def shard(n: int) -> range:
     """The contiguous share of n items that this rank handles (contiguous, so order is kept)."""
-    return _shard_of(rank(), n)
+    per, extra = divmod(n, world_size())
+    r = rank()
+    start = r * per + min(r, extra)
+    return range(start, start + per + (1 if r < extra else 0))
 
 
-def all_gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Concatenate every rank's `shard(n)` rows of a tensor, in rank order (the whole pool)."""
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows of `t` in rank order (row counts may differ between ranks)."""
     if not enabled():
         return t
-    sizes = [len(_shard_of(r, n)) for r in range(world_size())]
-    width = max(sizes)
-    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    torch_dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in sizes]
     torch_dist.all_gather(out, padded)
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
-def _shard_of(r: int, n: int) -> range:
-    per, extra = divmod(n, world_size())
-    start = r * per + min(r, extra)
-    return range(start, start + per + (1 if r < extra else 0))
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (for logging the global batch's loss)."""
+    if not enabled():
+        return t
+    t = t.clone()
+    torch_dist.all_reduce(t)
+    return t / world_size()
+
+
+def assert_in_sync(model: nn.Module) -> None:
+    """Raise if the ranks' parameters have drifted apart (they must stay identical under DDP)."""
+    if not enabled():
+        return
+    with torch.no_grad():
+        v = torch.stack([p.detach().float().sum() for p in model.parameters()])
+        lo, hi = v.clone(), v.clone()
+        torch_dist.all_reduce(lo, op=torch_dist.ReduceOp.MIN)
+        torch_dist.all_reduce(hi, op=torch_dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"rank {rank()}: parameters differ between ranks (max gap {float((hi - lo).abs().max()):.3g})")
 
 
 def barrier() -> None:

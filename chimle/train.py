@@ -142,11 +142,12 @@ class Trainer:
                                        to_rgb=to_rgb, memory_budget=budget)
             codes.append(latent.to(c, "cpu"))
             dists.append(d.cpu())
-        flat = latent.flatten(latent.cat(codes)) if codes else torch.empty(0)
+        layout = self.model.latent_layout(self.input_hw)
+        flat = latent.flatten(latent.cat(codes)) if codes else torch.empty(0, sum(layout.dims()))
         d = torch.cat(dists) if dists else torch.empty(0)
         # Every rank needs every code: the batches of the next steps are drawn from the whole pool.
-        flat = dist.all_gather_rows(flat.to(self.device), len(chunks) and size) if dist.enabled() else flat
-        d = dist.all_gather_rows(d.to(self.device), size) if dist.enabled() else d
+        flat = dist.all_gather_rows(flat.to(self.device))
+        d = dist.all_gather_rows(d.to(self.device))
         return {"round": self.round, "codes": flat.cpu(), "dists": d.cpu()}
 
     def pool_codes(self, rows: list[int]) -> latent.Codes:
@@ -181,7 +182,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        per_level = losses.detach().mean(0)
+        per_level = dist.all_mean(losses.detach().mean(0))  # the global batch's loss, on every rank
         return {"loss": float(per_level.sum()), **{f"level{l + 1}": float(v) for l, v in enumerate(per_level)}}
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ class Trainer:
                         self.write_grid(writer)
                     if self.step % t.checkpoint_every == 0:
                         self.save()
+            dist.assert_in_sync(self.model)
         finally:
             bar.close()
             self.save()  # at exit, on Ctrl-C and on errors: never lose finished steps
