@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .imageio import atomic_write
 from .model import TowerConfig, TowerModel
 
 __all__ = ["save_state", "load_state", "export", "load", "load_with_task", "weights_dir"]
@@ -30,24 +30,9 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file that cannot be used; the message names the file."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a training state atomically; an interruption leaves the previous file intact."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -66,15 +51,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     meta = {"model": json.dumps(state["model_config"]), "task": json.dumps(state["task_config"]),
             "step": str(state["step"]), "format": "chimle-1"}
     tensors = {k: v.contiguous() for k, v in state["model"].items()}
-    out = Path(out)
-    _atomic_write(out, lambda f: f.write(_safetensors_bytes(tensors, meta)))
-    return out
-
-
-def _safetensors_bytes(tensors: dict, meta: dict) -> bytes:
     from safetensors.torch import save
 
-    return save(tensors, metadata=meta)
+    return atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def weights_dir() -> Path:

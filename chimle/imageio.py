@@ -34,6 +34,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -182,11 +183,26 @@ def save_image(x: torch.Tensor, path: PathLike, quality: int = 95) -> Path:
     if fmt is None:
         raise ValueError(f"save_image: unknown image extension '{path.suffix}' for '{path}'")
     kw = {"quality": quality} if fmt == "JPEG" else {}
+    atomic_write(path, lambda f: img.save(f, format=fmt, **kw))
+    return path
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file through `write(f)` atomically: temp file in the same folder, fsync, rename.
+
+    Readers (and a crash at any moment) see the old file or the new one, never half of one.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt, **kw)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
