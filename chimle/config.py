@@ -42,7 +42,8 @@ class DataConfig:
     crop: int = 64                # side of the training crops, at the target resolution
     prescale: float = 0.0         # downscale photos by this factor after loading (0 = off); >= 2 for camera JPEGs
     skip_bad: bool = False        # skip unreadable images with a warning instead of stopping
-    cache: bool = True            # keep decoded images in memory (small datasets)
+    cache: bool = True            # keep decoded images in memory (small datasets; set false for large ones)
+    verify: bool = True           # decode every file once at start-up so a bad file fails now, not mid-run
 
 
 @dataclass
@@ -51,7 +52,7 @@ class SearchConfig:
     samples_per_level: list[int] = field(default_factory=lambda: [20, 10, 5])  # CHIMLE m_l (paper 200,200,20,10)
     num_samples: int = 35         # cIMLE m, whole codes per image (cIMLE SR used 100)
     ablation: str = "full"        # CHIMLE Fig. 7: full | no_ic | no_ic_pe | no_ic_pe_cd
-    distance: str = "vgg"         # LPIPS backbone for the search and the loss: vgg (authors) | alex
+    distance: str = "vgg"         # search and loss: LPIPS vgg (authors) | alex, or cIMLE's pixel_vgg | vgg_l1
     memory_budget: str = ""       # bytes for a chunk of candidates, e.g. "4GB" ("" = half the free GPU / 2 GB)
     batch: int = 16               # inputs searched together (rows of candidates = batch * m)
     zero_code_rounds: int = 0     # cIMLE pretraining: the first rounds train with z = 0 instead of searching
@@ -190,7 +191,7 @@ def validate(cfg: Config) -> None:
     choices = {"data.task": (cfg.data.task, ("sr", "colorize", "jpeg", "paired", "night")),
                "search.method": (cfg.search.method, ("chimle", "cimle")),
                "search.ablation": (cfg.search.ablation, ("full", "no_ic", "no_ic_pe", "no_ic_pe_cd")),
-               "search.distance": (cfg.search.distance, ("vgg", "alex")),
+               "search.distance": (cfg.search.distance, ("vgg", "alex", "pixel_vgg", "vgg_l1")),
                "preset": (cfg.preset, ("tiny", "small", "paper"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -318,3 +318,21 @@ def multiscale_lpips(distance, outputs: list[Tensor], targets: list[Tensor]) -> 
     if len(outputs) != len(targets) or not outputs:
         raise ValueError(f"need matching non-empty level lists, got {len(outputs)} outputs and {len(targets)} targets")
     return sum(distance(o, t) for o, t in zip(outputs, targets))
+
+
+DISTANCES = ("vgg", "alex", "pixel_vgg", "vgg_l1")
+
+
+def make_distance(name: str) -> nn.Module:
+    """A distance by config name: LPIPS ("vgg" as CHIMLE/TIM, "alex"), or cIMLE's ("pixel_vgg": L2 on
+    pixels + L2 on VGG features, its super-resolution distance; "vgg_l1": L1 on VGG features, its
+    scene-layout distance; see chimle.cimle)."""
+    if name in ("vgg", "alex"):
+        return LPIPS(name)
+    from .cimle import PixelVGGDistance, VGGFeatureL1Distance
+
+    if name == "pixel_vgg":
+        return PixelVGGDistance()
+    if name == "vgg_l1":
+        return VGGFeatureL1Distance()
+    raise ValueError(f"unknown distance {name!r}; choose from {', '.join(DISTANCES)}")

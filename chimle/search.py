@@ -1,7 +1,7 @@
 """The IMLE selection: find, for each input, the latent code whose output is nearest the observed image.
 
-* `flat`          cIMLE (Li*, Peng*, Zhang*, Malik, IJCV 2020, Eq. 1): draw m whole codes, run the
-                  full model on each, keep the argmin of d(f(x, z_j), y).
+* `flat`          cIMLE (Li*, Peng*, Zhang*, Malik, IJCV 2020, Sect. 3.5; Eq. 1 of the CHIMLE paper):
+                  draw m whole codes, run the full model on each, keep the argmin of d(f(x, z_j), y).
 * `hierarchical`  CHIMLE (Peng, Li, NeurIPS 2022, Algorithm 1): level by level, keep the components
                   already chosen, draw m_l candidates for the next component, judge each by the
                   partial output of that level against the target downsampled to it, keep the argmin.
@@ -84,7 +84,8 @@ def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, sa
 def flat(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, num_samples: int,
          generator: torch.Generator | None = None, *, to_rgb: ToRGB | None = None,
          memory_budget: int | str | None = None, zero: bool = False) -> tuple[Codes, Tensor]:
-    """cIMLE selection (Eq. 1 of the cIMLE paper): z* = argmin_j d(f(x, z_j), y) over m whole codes.
+    """cIMLE selection (Eq. 1 of the CHIMLE paper, Sect. 3.5 of the cIMLE paper):
+    z* = argmin_j d(f(x, z_j), y) over m whole codes.
 
     `zero=True` returns the all-zero code (cIMLE's pretraining stage with z = 0) and its distance.
     """

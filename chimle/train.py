@@ -34,7 +34,7 @@ from . import dist, latent, search
 from .checkpoint import load_state, save_state
 from .config import Config, dump_config, resolve_model
 from .data import ImageDataset, builtin_photo_dir, make_task
-from .distance import LPIPS
+from .distance import make_distance
 from .model import TowerModel, downsample
 
 __all__ = ["Trainer", "train", "seeded", "level_losses"]
@@ -73,13 +73,14 @@ class Trainer:
         self.val = self._dataset(cfg.data.val_data, train=False) if cfg.data.val_data else None
         torch.manual_seed(t.seed)  # the model's initial weights
         self.model = TowerModel(self.model_cfg).to(self.device)
-        self.distance = LPIPS(cfg.search.distance).to(self.device)
+        self.distance = make_distance(cfg.search.distance).to(self.device)
         mapping = {id(p) for p in self.model.mapping_parameters()}
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in mapping], "lr": t.lr},
                   {"params": self.model.mapping_parameters(), "lr": t.lr * t.mapping_lr_mult}]
         self.opt = torch.optim.Adam(groups, betas=(t.beta1, t.beta2))
         self.ddp = dist.wrap(self.model)
         self.step, self.round, self.pool = 0, 0, None
+        self._perm: tuple[int, Tensor | None] = (-1, None)
         self.history: list[dict[str, float]] = []
         if resume:
             self._resume()
@@ -103,13 +104,15 @@ class Trainer:
                 warnings.simplefilter("ignore")
             return ImageDataset(task=self.task, crop=d.crop, levels=self.model_cfg.levels, train=train,
                                 skip_bad=d.skip_bad, seed=self.cfg.train.seed, prescale=d.prescale or None,
-                                cache=d.cache, **kw)
+                                cache=d.cache, verify=d.verify, **kw)
 
     # -- the pool ---------------------------------------------------------------------------------
     def pool_item(self, round_: int, k: int) -> dict[str, Tensor]:
         """Pool entry k of a round: a random image and a random crop, both fixed by (seed, round, k)."""
         n = len(self.dataset)
-        perm = torch.randperm(n, generator=seeded(self.cfg.train.seed, 11, round_))
+        if self._perm[0] != round_:  # one permutation per round, not one per item
+            self._perm = (round_, torch.randperm(n, generator=seeded(self.cfg.train.seed, 11, round_)))
+        perm = self._perm[1]
         self.dataset.set_epoch(round_ * (1 + self.cfg.train.pool_size // n) + k // n)
         return self.dataset[int(perm[k % n])]
 
