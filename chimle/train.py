@@ -131,11 +131,14 @@ class Trainer:
         to_rgb = (lambda out, inp: self.task.to_rgb(out, inp)) if self.task.name == "colorize" else None
         budget = s.memory_budget or None
         chunks = [list(range(i, min(i + s.batch, size))) for i in range(0, size, s.batch)]
-        mine = [chunks[i] for i in dist.shard(len(chunks))]
+        mine = dist.shard(len(chunks))
         codes, dists = [], []
         zero = self.round < s.zero_code_rounds
-        for ci, rows in zip(dist.shard(len(chunks)), mine):
-            x, y = self.pool_batch(rows)
+        bar = _progress(total=len(mine), desc=f"search round {self.round}", leave=False,
+                        disable=self.quiet or not dist.is_main() or len(mine) < 2)
+        for ci in mine:
+            bar.update(1)
+            x, y = self.pool_batch(chunks[ci])
             g = seeded(cfg.train.seed, 22, self.round, ci)
             if zero or s.method == "cimle":
                 c, d = search.flat(self.model, x, y, self.distance, s.num_samples, g, to_rgb=to_rgb,
@@ -145,6 +148,7 @@ class Trainer:
                                        to_rgb=to_rgb, memory_budget=budget)
             codes.append(latent.to(c, "cpu"))
             dists.append(d.cpu())
+        bar.close()
         layout = self.model.latent_layout(self.input_hw)
         flat = latent.flatten(latent.cat(codes)) if codes else torch.empty(0, sum(layout.dims()))
         d = torch.cat(dists) if dists else torch.empty(0)
