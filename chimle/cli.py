@@ -4,6 +4,7 @@
     chimle train --task sr --scale 8 --data DIR --preset tiny --out runs/NAME [--steps N] [--method chimle|cimle]
                  [--resume] [--config FILE] [--set key=value ...]
     chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
+                  [--tile N|auto]
     chimle export CHECKPOINT OUT.safetensors
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
     chimle bench speed|efficiency|ablation ...
@@ -70,7 +71,8 @@ def cmd_sample(a) -> int:
 
     written = sample_paths(a.checkpoint, a.input, a.num, a.out, seed=a.seed, from_level=a.from_level,
                            same_code=a.same_code, interpolate_steps=a.steps if a.interpolate else 0,
-                           degrade=a.degrade, device=a.device)
+                           degrade=a.degrade, device=a.device, tile=a.tile, overlap=a.overlap,
+                           memory_budget=a.memory_budget)
     grids = [p for p in written if p.name.endswith("_grid.png")]
     print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")
     return 0
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolate", action="store_true", help="a sequence between two codes (--steps frames)")
     p.add_argument("--steps", type=int, default=8, help="frames for --interpolate")
     p.add_argument("--degrade", action="store_true", help="inputs are targets: make the task's input from them")
+    p.add_argument("--tile", help="tiled inference for large images: tile side in input px, or 'auto' (fit the budget)")
+    p.add_argument("--overlap", type=int, help="tile overlap in input px (default: a quarter of the tile)")
+    p.add_argument("--memory-budget", help="memory for --tile auto, e.g. 4GB (default: half the free GPU / 2 GB)")
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("export", help="training checkpoint -> safetensors weights with their config")

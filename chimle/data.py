@@ -303,11 +303,13 @@ class SyntheticNight(Task):
 
     def degrade(self, target, rng=None):
         g = as_generator(rng)
-        tint = torch.tensor(self.tint, dtype=target.dtype).view(3, 1, 1)
-        x = target.clamp(0, 1) ** self.gamma * self.brightness * tint
-        shot = torch.randn(x.shape, generator=g) * (x / self.photons).sqrt()
-        read = torch.randn(x.shape, generator=g) * self.read_noise
-        return quantize8(x + shot + read)
+        # float64: float32 pow/sqrt differ in the last bit between the vectorised and scalar kernels
+        # (which one runs depends on threading), and that can flip the 8-bit rounding of a pixel.
+        tint = torch.tensor(self.tint, dtype=torch.float64).view(3, 1, 1)
+        x = target.double().clamp(0, 1) ** self.gamma * self.brightness * tint
+        shot = torch.randn(x.shape, generator=g).double() * (x / self.photons).sqrt()
+        read = torch.randn(x.shape, generator=g).double() * self.read_noise
+        return quantize8(x + shot + read).to(target.dtype)
 
 
 @dataclass

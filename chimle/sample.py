@@ -45,17 +45,22 @@ def redraw_from(model: TowerModel, codes: Codes, level: int, generator: torch.Ge
 @torch.inference_mode()
 def generate(model: TowerModel, x: Tensor, num: int, generator: torch.Generator | None = None, *, task=None,
              from_level: int | None = None, base_codes: Codes | None = None, same_code: bool = False,
-             all_levels: bool = False) -> Tensor:
+             all_levels: bool = False, tile: int | None = None, overlap: int | None = None) -> Tensor:
     """`num` samples per input: (num, N, 3, H, W) RGB in [0, 1] (or every level's, if all_levels).
 
     from_level with base_codes: redraw only levels >= from_level of base_codes (default: one fresh
     code per input, shared by all samples). same_code: sample k uses one code for every input.
+    tile: run the tower tile by tile (`chimle.tiling`, tiles of `tile` input px overlapping by
+    `overlap`, default tile // 4) so that large images fit in memory; last level only. The codes are
+    the same as untiled, so a tiled sample matches its untiled twin away from the seams.
     """
     model.eval()
     n, hw = x.shape[0], tuple(x.shape[-2:])
     x = x.to(model.device)
     if from_level is not None and not 1 <= from_level <= model.cfg.levels:
         raise ValueError(f"from_level must be in 1..{model.cfg.levels}, got {from_level}")
+    if tile is not None and all_levels:
+        raise ValueError("tiled sampling returns the last level only (all_levels=False)")
     if from_level is not None and base_codes is None:
         base_codes = model.sample_codes(n, generator, input_hw=hw)
     results = []
@@ -66,7 +71,12 @@ def generate(model: TowerModel, x: Tensor, num: int, generator: torch.Generator 
             codes = latent.repeat(model.sample_codes(1, generator, input_hw=hw), n)
         else:
             codes = model.sample_codes(n, generator, input_hw=hw)
-        outs = model(x, codes)
+        if tile is not None:
+            from .tiling import tiled_forward
+
+            outs = [tiled_forward(model, x, codes, tile, tile // 4 if overlap is None else overlap)]
+        else:
+            outs = model(x, codes)
         outs = [_rgb(task, o, x, model) for o in outs]
         results.append(outs if all_levels else outs[-1])
     if all_levels:
@@ -177,8 +187,13 @@ def plot_curve(steps: Sequence[float], series: dict[str, Sequence[float]], path:
 
 def sample_paths(weights: str | Path, inputs: str | Path, num: int, out: str | Path, *, seed: int = 0,
                  from_level: int | None = None, same_code: bool = False, interpolate_steps: int = 0,
-                 degrade: bool = False, device: str = "cpu", progress: bool = True) -> list[Path]:
+                 degrade: bool = False, device: str = "cpu", progress: bool = True, tile: int | str | None = None,
+                 overlap: int | None = None, memory_budget: int | str | None = None) -> list[Path]:
     """Sample `num` outputs for an image or a folder of images; write each output and a grid.
+
+    tile: tiled inference for images too large to run at once: a tile side in input pixels, or
+    "auto" for the largest tile that fits `memory_budget` (default: half the free GPU memory, 2 GB
+    on the CPU); images that fit whole are not tiled.
 
     degrade=True treats the files as targets: the task makes the input from each one (so the grid
     shows input | samples | target). Otherwise the files are the inputs themselves (a low-resolution
@@ -212,10 +227,13 @@ def sample_paths(weights: str | Path, inputs: str | Path, num: int, out: str | P
         x, (h, w) = pad_to_tower(x[None], model)
         if same_code:  # the same draws for every input: sample k shares its code across the inputs
             g = torch.Generator(device=model.device).manual_seed(seed)
+        side = _tile_side(model, tuple(x.shape[-2:]), tile, memory_budget)
         if interpolate_steps:
+            if side is not None:
+                raise ValueError("--interpolate does not support --tile")
             samples = interpolate(model, x, interpolate_steps, g, task=task)
         else:
-            samples = generate(model, x, num, g, task=task, from_level=from_level)
+            samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=overlap)
         s = model.cfg.scale
         samples = samples[..., : h * s, : w * s].cpu()
         stem = out / p.stem
@@ -226,3 +244,20 @@ def sample_paths(weights: str | Path, inputs: str | Path, num: int, out: str | P
         save_grid(grid_path, shown_x, samples, None if target is None else target[None], task=task)
         written.append(grid_path)
     return written
+
+
+def _tile_side(model: TowerModel, hw: tuple[int, int], tile: int | str | None,
+               memory_budget: int | str | None) -> int | None:
+    """The tile side for an input of `hw`, or None when the image is run whole."""
+    if tile is None:
+        return None
+    if tile == "auto":
+        from .search import default_budget
+        from .tiling import auto_tile
+
+        side = auto_tile(model, hw, memory_budget if memory_budget is not None else default_budget(model.device))
+    else:
+        side = int(tile) if str(tile).isdigit() else 0
+        if side < 1:
+            raise ValueError(f"--tile must be a positive number of input pixels or 'auto', got {tile!r}")
+    return None if side >= max(hw) else side

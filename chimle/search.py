@@ -29,7 +29,7 @@ from . import latent
 from .latent import Codes
 from .model import LevelState, TowerModel, downsample
 
-__all__ = ["hierarchical", "flat", "ablation", "ABLATIONS", "chunk_rows", "parse_bytes"]
+__all__ = ["hierarchical", "flat", "ablation", "ABLATIONS", "chunk_rows", "bytes_per_row", "parse_bytes"]
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 ToRGB = Callable[[Tensor, Tensor], Tensor]  # (level output, level input) -> RGB image in [0, 1]
@@ -142,8 +142,8 @@ def default_budget(device: torch.device) -> int:
     return 2 * 2 ** 30
 
 
-def chunk_rows(model: TowerModel, levels: range, input_hw: tuple[int, int], budget: int) -> int:
-    """How many candidates fit in `budget` bytes when running `levels` and the distance on them.
+def bytes_per_row(model: TowerModel, levels: range, input_hw: tuple[int, int]) -> int:
+    """Estimated peak bytes per candidate (or image) when running `levels` and the distance under no_grad.
 
     Under no_grad only a few activations live at once; the widest is a dense block's concatenation
     (nf + 4 gc channels). The factor 6 covers it, its neighbours and the distance network's features.
@@ -155,7 +155,12 @@ def chunk_rows(model: TowerModel, levels: range, input_hw: tuple[int, int], budg
         h, w = outs[l - 1]
         nf, gc = cfg.channels[l - 1], cfg.growth[l - 1]
         per_row = max(per_row, elem * h * w * (6 * (nf + 4 * gc) + 2 * 64 * 3))
-    return max(1, budget // max(per_row, 1))
+    return max(per_row, 1)
+
+
+def chunk_rows(model: TowerModel, levels: range, input_hw: tuple[int, int], budget: int) -> int:
+    """How many candidates fit in `budget` bytes when running `levels` and the distance on them (>= 1)."""
+    return max(1, budget // bytes_per_row(model, levels, input_hw))
 
 
 def _detach(codes: Codes) -> Codes:

