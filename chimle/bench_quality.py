@@ -1,7 +1,10 @@
 """Quality benchmarks: the sample-efficiency curve (CHIMLE Fig. 2) and the ablation ladder (Fig. 7).
 
-    chimle bench efficiency CHECKPOINT --data DIR --out DIR [--seeds 10] [--images 8]
+    chimle bench efficiency CHECKPOINT --data DIR --out DIR [--seeds 10] [--images 8] [--budgets 1,2,4,8,16,32]
+                            [--flat-max N]
     chimle bench ablation --data TRAIN_DIR --held-out DIR --out DIR [--steps 600] [--preset tiny]
+                          [--samples 6] [--crops-per-image 8]
+    python -m chimle.bench_quality efficiency --help      # every option (the same commands)
 
 `efficiency` measures, on held-out crops and a trained model, how many generated samples flat cIMLE
 needs against hierarchical CHIMLE to reach each LPIPS distance (see `chimle.evaluate.sample_efficiency`).
@@ -34,11 +37,11 @@ def _held_out(task, folder: str | Path, crop: int, levels: int, crops_per_image:
 
 
 def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images: int = 8, crop: int | None = None,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", budgets: list[int] | None = None, flat_max: int | None = None) -> dict:
     from .checkpoint import load_with_task
     from .data import make_task
     from .distance import LPIPS
-    from .evaluate import plot_efficiency, sample_efficiency, write_markdown_table
+    from .evaluate import BUDGETS, plot_efficiency, sample_efficiency, write_markdown_table
 
     model, task_cfg = load_with_task(checkpoint, device)
     task = make_task(**task_cfg)
@@ -46,7 +49,8 @@ def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images
     x, y = _held_out(task, data, crop, model.cfg.levels, max(1, images // 2))
     x, y = x[:images].to(device), y[:images].to(device)
     to_rgb = (lambda o, i: task.to_rgb(o, i)) if task.name == "colorize" else None
-    result = sample_efficiency(model, x, y, LPIPS("vgg").to(device), seeds=seeds, to_rgb=to_rgb)
+    result = sample_efficiency(model, x, y, LPIPS("vgg").to(device), seeds=seeds, to_rgb=to_rgb,
+                               budgets=budgets or BUDGETS, flat_max=flat_max)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "efficiency.json").write_text(json.dumps(result, indent=2, default=float))
@@ -61,10 +65,10 @@ def run_ablation(data: str, held_out: str, out: str, steps: int = 600, preset: s
                  overrides: list[str] | None = None, device: str = "cpu") -> list[dict]:
     from . import metrics
     from .config import load_config
-    from .evaluate import write_markdown_table
+    from .evaluate import _generator, write_markdown_table
     from .sample import generate
     from .search import ABLATIONS
-    from .train import Trainer, seeded
+    from .train import Trainer
 
     out_dir = Path(out)
     rows = []
@@ -76,7 +80,8 @@ def run_ablation(data: str, held_out: str, out: str, steps: int = 600, preset: s
         trainer = Trainer(cfg)
         trainer.run()
         x, y = _held_out(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
-        fake = generate(trainer.model, x.to(trainer.device), samples, seeded(0, 66), task=trainer.task).cpu()
+        g = _generator(trainer.device, 0, 66)  # on the model's device, as generate draws there
+        fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()
         with torch.no_grad():
             d = torch.stack([trainer.distance(fake[k].to(trainer.device), y.to(trainer.device)).cpu()
                              for k in range(samples)])  # (K, N)
@@ -108,6 +113,16 @@ def _bar_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chimle bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="which", required=True)
@@ -119,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--images", type=int, default=8)
     e.add_argument("--crop", type=int, default=None)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--budgets", type=_ints, default=None, metavar="M1,M2,...",
+                   help="CHIMLE candidates per level (default 1,2,4,8,16,32)")
+    e.add_argument("--flat-max", type=int, default=None, help="cIMLE codes per image (default 16 * L * max budget)")
     a = sub.add_parser("ablation", help="train full / no IC / no IC+PE / no IC+PE+CD and compare")
     a.add_argument("--data", required=True, help="folder of training photos ('builtin' allowed)")
     a.add_argument("--held-out", required=True, help="folder of held-out photos")
@@ -129,11 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--scale", type=int, default=8)
     a.add_argument("--crop", type=int, default=64)
     a.add_argument("--device", default="cpu")
+    a.add_argument("--samples", type=int, default=6, help="samples per held-out crop")
+    a.add_argument("--crops-per-image", type=int, default=8, help="held-out crops per photo")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.which == "efficiency":
-        run_efficiency(args.checkpoint, args.data, args.out, args.seeds, args.images, args.crop, args.device)
+        run_efficiency(args.checkpoint, args.data, args.out, args.seeds, args.images, args.crop, args.device,
+                       args.budgets, args.flat_max)
     else:
         run_ablation(args.data, args.held_out, args.out, args.steps, args.preset, args.task, args.scale, args.crop,
-                     overrides=args.set, device=args.device)
+                     samples=args.samples, crops_per_image=args.crops_per_image, overrides=args.set, device=args.device)
     return 0
+
+
+if __name__ == "__main__":  # `python -m chimle.bench_quality efficiency --help` shows every option
+    raise SystemExit(main())

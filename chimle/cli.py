@@ -99,12 +99,18 @@ def cmd_eval(a) -> int:
     from .evaluate import evaluate
 
     model, task_cfg = load_with_task(a.checkpoint, a.device)
+    if not task_cfg:
+        raise ValueError(f"'{a.checkpoint}' holds no task configuration; evaluation needs the task")
+    ivo = {k: getattr(a, k) for k in ("ivo_runs", "ivo_steps", "ivo_images") if getattr(a, k) is not None}
     result = evaluate(model, make_task(**task_cfg), a.data, num_samples=a.num, out_dir=a.out, crop=a.crop,
-                      seed=a.seed, max_images=a.max_images)
-    print(f"metrics: {Path(a.out) / 'metrics.json'}")
-    for k in ("fid", "kid", "fwv_0.2", "lpips_diversity"):
+                      seed=a.seed, max_images=a.max_images, **ivo)
+    print(f"metrics of {result['images']} images x {result['samples_per_input']} samples: "
+          f"{Path(a.out) / 'metrics.json'}")
+    for k in ("fid", "kid", "fwv_0.2", "lpips_diversity", "prd_f8", "prd_f1_8", "ivo_mean"):
         if k in result:
-            print(f"  {k}: {result[k]}")
+            print(f"  {k}: {result[k]:.6g}")
+    for w in result["warnings"]:
+        print(f"  warning: {w}")
     return 0
 
 
@@ -158,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ivo-runs", type=int, help="IvO runs (default 5, as the papers; 0 = skip IvO, slow on a CPU)")
+    p.add_argument("--ivo-steps", type=int, help="Adam steps per IvO run (default 200)")
+    p.add_argument("--ivo-images", type=int, help="images used for IvO (default: all)")
 
-    p = sub.add_parser("bench", help="benchmarks: speed | efficiency | ablation (see --help of each)")
+    # `bench` hands everything after its name (--help included) to the benchmark's own parser.
+    p = sub.add_parser("bench", add_help=False, help="benchmarks: speed | efficiency | ablation (see --help of each)")
     p.add_argument("which", choices=["speed", "efficiency", "ablation"])
     return parser
 
