@@ -56,6 +56,7 @@ class SearchConfig:
     memory_budget: str = ""       # bytes for a chunk of candidates, e.g. "4GB" ("" = half the free GPU / 2 GB)
     batch: int = 16               # inputs searched together (rows of candidates = batch * m)
     zero_code_rounds: int = 0     # cIMLE pretraining: the first rounds train with z = 0 instead of searching
+    compile: bool = False         # torch.compile the search's levels (pays off only in long runs: benchmarks/compile.py)
 
 
 @dataclass

@@ -266,7 +266,7 @@ class LPIPS(nn.Module):
     def _prepare(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
-        lo, hi = (v.item() for v in torch.aminmax(x.detach()))
+        lo, hi = torch.stack(torch.aminmax(x.detach())).float().tolist()  # one host sync, not two
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # written this way so NaN fails too
             raise ValueError(f"LPIPS expects images in [0, 1] (chimle convention), got values in [{lo:.4g}, {hi:.4g}]")
         x = x.to(self.shift.dtype) * 2 - 1

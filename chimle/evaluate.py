@@ -266,9 +266,6 @@ def sample_efficiency(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
     n_max = int(flat_max or 16 * levels * top)
     ev = search._Evaluator(model, x, y, distance, to_rgb, memory_budget)  # checks [0, 1]
     layout, device = ev.layout, ev.device
-    # step the chosen prefixes exactly as search.hierarchical does (its evaluator may lay tensors out
-    # for the GPU or compile the step; plain model.step where it does not)
-    step, fmt = getattr(ev, "step", model.step), getattr(ev, "fmt", lambda t: t)
     chunk = max(1, min(n_max, chunk_bytes // (4 * n * sum(layout.dims()))))  # codes held at once
     chimle = np.zeros((seeds, len(budgets), n))
     flat = np.zeros((seeds, n, n_max))
@@ -290,7 +287,7 @@ def sample_efficiency(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
                         chimle[s, b] = d.gather(1, best[:, None])[:, 0].float().cpu().numpy()
                     else:
                         pick = torch.arange(n, device=device) * top + best
-                        prefixes[b] = step(level, prefixes[b], fmt(latent.index([pool], pick)[0]))
+                        prefixes[b] = ev.step(level, prefixes[b], ev.fmt(latent.index([pool], pick)[0]))
             # cIMLE: whole codes, judged by the full output.
             g = _generator(device, seed, s, 1)
             for lo in range(0, n_max, chunk):

@@ -10,6 +10,14 @@ Both run without gradients, in chunks of candidates sized from a memory budget, 
 target's distance features once per level (not once per chunk). They return the chosen codes and
 the distances of those codes at the last level.
 
+Fast paths (measured by `chimle bench speed`, see chimle/benchmark.py): inference mode; weight-norm
+weights computed once per search (parametrize.cached); on CUDA bf16 autocast, channels-last
+activations and cuDNN autotuning; no host-device synchronisation inside the chunk loop (slices, not
+index tensors, and no .item()); `compile=True` runs each level through torch.compile (off by
+default: on a CPU the time goes into oneDNN convolutions, mostly LPIPS's, which compiling does not
+speed up; it fuses the rest for a few per cent after a minute or more of compiling, which pays off
+only over many searches of the same shapes; benchmarks/compile.py measures it on your hardware).
+
     codes, dists = hierarchical(model, x, y, chimle.LPIPS("vgg"), samples_per_level=[200, 200, 20, 10])
     codes, dists = flat(model, x, y, chimle.LPIPS("vgg"), num_samples=430)
 
@@ -19,6 +27,7 @@ the distances of those codes at the last level.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -37,7 +46,8 @@ ToRGB = Callable[[Tensor, Tensor], Tensor]  # (level output, level input) -> RGB
 
 def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, samples_per_level: Sequence[int],
                  generator: torch.Generator | None = None, *, iterative: bool = True, partial: bool = True,
-                 to_rgb: ToRGB | None = None, memory_budget: int | str | None = None) -> tuple[Codes, Tensor]:
+                 to_rgb: ToRGB | None = None, memory_budget: int | str | None = None, compile: bool = False,
+                 on_level: Callable[[int, Tensor], None] | None = None) -> tuple[Codes, Tensor]:
     """CHIMLE latent search, Algorithm 1 of the CHIMLE paper, for a batch of inputs.
 
     for l = 1..L:  draw m_l candidates z_l^(j);  y~_l^(j) = l-th output of f(x, (z*_1..z*_{l-1}, z_l^(j)));
@@ -52,11 +62,14 @@ def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, sa
                        full-resolution target instead of by the level-l output.
       (no CD, no code division, is `flat`: whole codes, one selection; see `ablation`.)
 
+    `compile` runs the levels through torch.compile; `on_level(l, d)` is called after level l's
+    selection with its candidates' distances d (N, m_l) (the benchmark times the levels with it).
+
     Returns the chosen codes (one component per level, batch N) and d(y_L, y~_L) of those codes, (N,).
     """
     if len(samples_per_level) != model.cfg.levels:
         raise ValueError(f"samples_per_level needs one count per level ({model.cfg.levels}), got {list(samples_per_level)}")
-    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget)
+    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget, compile)
     layout, n, levels = ev.layout, x.shape[0], model.cfg.levels
     chosen: Codes = []
     prefix = ev.initial  # state after z*_1..z*_{l-1}
@@ -73,7 +86,9 @@ def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, sa
             best = d.argmin(1)
             chosen.append(latent.index([z_l], torch.arange(n, device=ev.device) * m + best)[0])
             if iterative:
-                prefix = model.step(l, prefix, chosen[-1])
+                prefix = ev.step(l, prefix, ev.fmt(chosen[-1]))
+            if on_level is not None:
+                on_level(l, d)
         if iterative and partial:
             dists = d.gather(1, best[:, None])[:, 0]
         else:
@@ -83,13 +98,13 @@ def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, sa
 
 def flat(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, num_samples: int,
          generator: torch.Generator | None = None, *, to_rgb: ToRGB | None = None,
-         memory_budget: int | str | None = None, zero: bool = False) -> tuple[Codes, Tensor]:
+         memory_budget: int | str | None = None, zero: bool = False, compile: bool = False) -> tuple[Codes, Tensor]:
     """cIMLE selection (Eq. 1 of the CHIMLE paper, Sect. 3.5 of the cIMLE paper):
     z* = argmin_j d(f(x, z_j), y) over m whole codes.
 
     `zero=True` returns the all-zero code (cIMLE's pretraining stage with z = 0) and its distance.
     """
-    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget)
+    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget, compile)
     n = x.shape[0]
     with ev.context():
         if zero:
@@ -168,42 +183,76 @@ def _detach(codes: Codes) -> Codes:
     return [latent.Component(c.style.clone(), c.noise.clone()) for c in codes]
 
 
+_COMPILED: "weakref.WeakKeyDictionary[TowerModel, Callable]" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: TowerModel) -> Callable[..., LevelState]:
+    """`model.step` through torch.compile, built once per model. Static shapes: a search sees a few
+    batch sizes per level (full chunks, the last chunk, the N chosen prefixes), the same every round,
+    and inductor's dynamic-shape path fails on this model (torch 2.13: "Exponent must be non-negative")."""
+    if model not in _COMPILED:
+        # Dynamo keeps every graph of `step` under one code object (per level and shape, and per model
+        # in the process); past its recompile limit it silently falls back to eager.
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * model.cfg.levels)
+        _COMPILED[model] = torch.compile(model.step, dynamic=False)
+    return _COMPILED[model]
+
+
 class _Evaluator:
     """Runs candidate codes through some levels and measures them, in memory-bounded chunks."""
 
     def __init__(self, model: TowerModel, x: Tensor, y: Tensor, distance: Distance, to_rgb: ToRGB | None,
-                 memory_budget: int | str | None):
+                 memory_budget: int | str | None, compile: bool = False):
         self.model, self.distance, self.to_rgb = model, distance, to_rgb
         self.device = model.device
+        self.cuda = self.device.type == "cuda"
         x, y = x.to(self.device), y.to(self.device)
-        if y.min() < 0 or y.max() > 1 or x.min() < 0 or x.max() > 1:
+        # One host-device synchronisation for the whole call (not one per bound, nor per chunk).
+        lo = torch.stack([x.min(), y.min()]).min()
+        hi = torch.stack([x.max(), y.max()]).max()
+        if bool((lo < 0) | (hi > 1)):
             raise ValueError("search inputs and targets must be images in [0, 1]")
         self.layout = model.latent_layout(x.shape[-2:])
         self.input_hw = tuple(x.shape[-2:])
         self.y = y
         self.budget = parse_bytes(memory_budget) if memory_budget is not None else default_budget(self.device)
+        self.step = compiled_step(model) if compile else model.step
         self._targets: dict[int, object] = {}
         with self.context():
-            self.initial = model.initial_state(x)
+            # clone: an inference tensor like every later state, so a compiled step sees one kind of input
+            self.initial = model.initial_state(self.fmt(x).clone())
+
+    def fmt(self, t):
+        """On CUDA, channels-last (NHWC) activations: cuDNN's bf16 convolutions run fastest on them, and
+        every conv output inherits the layout from its input. A tensor or a latent Component."""
+        if not self.cuda:
+            return t
+        if isinstance(t, latent.Component):
+            return latent.Component(t.style, t.noise.contiguous(memory_format=torch.channels_last))
+        return t.contiguous(memory_format=torch.channels_last)
 
     @contextlib.contextmanager
     def context(self):
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-               else contextlib.nullcontext())
-        was_training = self.model.training
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        was_training, was_bench = self.model.training, torch.backends.cudnn.benchmark
         self.model.eval()
+        if self.cuda:  # few distinct chunk shapes per search: autotuning the convs once pays off
+            torch.backends.cudnn.benchmark = True
         try:
             # Weight norm recomputes every conv weight on each access; cache them for the whole search.
             with torch.inference_mode(), parametrize.cached(), amp:
                 yield
         finally:
             self.model.train(was_training)
+            torch.backends.cudnn.benchmark = was_bench
 
     def _target(self, level: int):
         """The level's target (or its distance features), computed once and reused for every chunk."""
         if level not in self._targets:
             t = downsample(self.y, self.model.cfg.output_sizes(*self.input_hw)[level - 1])
-            self._targets[level] = self.distance.features(t) if hasattr(self.distance, "features") else t
+            self._targets[level] = self.distance.features(self.fmt(t)) if hasattr(self.distance, "features") else t
         return self._targets[level]
 
     def _measure(self, state: LevelState, level: int, rows: Tensor) -> Tensor:
@@ -224,10 +273,12 @@ class _Evaluator:
         step = chunk_rows(self.model, range(start, stop + 1), self.input_hw, self.budget)
         out = torch.empty(n * m, device=self.device)
         for lo in range(0, n * m, step):
-            rows = torch.arange(lo, min(lo + step, n * m), device=self.device)
-            inputs = torch.div(rows, m, rounding_mode="floor")
+            hi = min(lo + step, n * m)
+            # Candidates and results are contiguous row ranges: slices are views, no index kernels.
+            # Only the input of each row needs a gather; its index is made on the device directly.
+            inputs = torch.div(torch.arange(lo, hi, device=self.device), m, rounding_mode="floor")
             s = state.index(inputs)
             for k, comp in enumerate(comps):
-                s = self.model.step(start + k, s, latent.Component(comp.style[rows], comp.noise[rows]))
-            out[rows] = self._measure(s, stop, inputs)
+                s = self.step(start + k, s, self.fmt(latent.Component(comp.style[lo:hi], comp.noise[lo:hi])))
+            out[lo:hi] = self._measure(s, stop, inputs)
         return out.view(n, m)

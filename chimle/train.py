@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import dist, latent, search
@@ -37,7 +36,7 @@ from .data import ImageDataset, builtin_photo_dir, make_task
 from .distance import make_distance
 from .model import TowerModel, downsample
 
-__all__ = ["Trainer", "train", "seeded", "level_losses"]
+__all__ = ["Trainer", "train", "seeded", "level_losses", "optimize_step"]
 
 
 def seeded(*key: int) -> torch.Generator:
@@ -57,6 +56,28 @@ def level_losses(task, distance, outs: list[Tensor], x: Tensor, y: Tensor, pixel
             d = d + pixel_weight * (rgb.float() - target).abs().flatten(1).mean(1)
         per_level.append(d)
     return torch.stack(per_level, 1)
+
+
+def optimize_step(model, opt: torch.optim.Optimizer, task, distance, x: Tensor, y: Tensor, codes: latent.Codes, *,
+                  loss_scale: float, amp: bool = True, pixel_weight: float = 0.0) -> Tensor:
+    """One optimizer step: forward all levels, loss = loss_scale * sum of the per-level losses, backward,
+    step. `model` is the tower (or its DDP / torch.compile wrapper). Returns the detached (N, L) losses.
+
+    On CUDA the forward runs under bf16 autocast (if `amp`) on channels-last inputs (conv outputs and
+    their gradients inherit the layout, which cuDNN's bf16 kernels prefer); the CPU path is plain
+    float32, so CPU runs stay bit-for-bit reproducible.
+    """
+    cuda = x.device.type == "cuda"
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+        codes = [latent.Component(c.style, c.noise.contiguous(memory_format=torch.channels_last)) for c in codes]
+    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda and amp else contextlib.nullcontext():
+        outs = model(x, codes)
+    losses = level_losses(task, distance, outs, x, y, pixel_weight)  # (n, L)
+    opt.zero_grad(set_to_none=True)
+    (losses.sum() * loss_scale).backward()
+    opt.step()
+    return losses.detach()
 
 
 class Trainer:
@@ -79,6 +100,10 @@ class Trainer:
                   {"params": self.model.mapping_parameters(), "lr": t.lr * t.mapping_lr_mult}]
         self.opt = torch.optim.Adam(groups, betas=(t.beta1, t.beta2))
         self.ddp = dist.wrap(self.model)
+        if self.device.type == "cuda":  # fixed shapes every step: let cuDNN pick the fastest convs once
+            torch.backends.cudnn.benchmark = True
+        # No torch.compile of the training step: on a CPU it measured no gain (LPIPS's and the tower's
+        # oneDNN convolutions dominate); `chimle bench speed --compile` measures it on other hardware.
         self.step, self.round, self.pool = 0, 0, None
         self._perm: tuple[int, Tensor | None] = (-1, None)
         self.history: list[dict[str, float]] = []
@@ -142,10 +167,10 @@ class Trainer:
             g = seeded(cfg.train.seed, 22, self.round, ci)
             if zero or s.method == "cimle":
                 c, d = search.flat(self.model, x, y, self.distance, s.num_samples, g, to_rgb=to_rgb,
-                                   memory_budget=budget, zero=zero)
+                                   memory_budget=budget, zero=zero, compile=s.compile)
             else:
                 c, d = search.ablation(s.ablation, self.model, x, y, self.distance, s.samples_per_level, g,
-                                       to_rgb=to_rgb, memory_budget=budget)
+                                       to_rgb=to_rgb, memory_budget=budget, compile=s.compile)
             codes.append(latent.to(c, "cpu"))
             dists.append(d.cpu())
         bar.close()
@@ -179,16 +204,10 @@ class Trainer:
         self.model.train()
         x, y = self.pool_batch(rows)
         codes = self.pool_codes(rows)
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and t.amp
-               else contextlib.nullcontext())
-        with amp:
-            outs = self.ddp(x, codes)
-        losses = level_losses(self.task, self.distance, outs, x, y, t.pixel_weight)  # (n, L)
         # Mean over the global batch: each rank's share, so DDP's gradient average is exact.
-        loss = losses.sum(1).sum() / max(len(rows), 1) * len(rows) * dist.world_size() / t.batch_size
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        scale = dist.world_size() / t.batch_size
+        losses = optimize_step(self.ddp, self.opt, self.task, self.distance, x, y, codes, loss_scale=scale,
+                               amp=t.amp, pixel_weight=t.pixel_weight)
         per_level = dist.all_mean(losses.detach().mean(0))  # the global batch's loss, on every rank
         return {"loss": float(per_level.sum()), **{f"level{l + 1}": float(v) for l, v in enumerate(per_level)}}
 
