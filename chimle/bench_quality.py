@@ -37,7 +37,8 @@ def _held_out(task, folder: str | Path, crop: int, levels: int, crops_per_image:
 
 
 def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images: int = 8, crop: int | None = None,
-                   device: str = "cpu", budgets: list[int] | None = None, flat_max: int | None = None) -> dict:
+                   device: str = "cpu", budgets: list[int] | None = None, flat_max: int | None = None,
+                   distance: str = "vgg") -> dict:
     from .checkpoint import load_with_task
     from .data import make_task
     from .distance import LPIPS
@@ -49,7 +50,7 @@ def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images
     x, y = _held_out(task, data, crop, model.cfg.levels, max(1, images // 2))
     x, y = x[:images].to(device), y[:images].to(device)
     to_rgb = (lambda o, i: task.to_rgb(o, i)) if task.name == "colorize" else None
-    result = sample_efficiency(model, x, y, LPIPS("vgg").to(device), seeds=seeds, to_rgb=to_rgb,
+    result = sample_efficiency(model, x, y, LPIPS(distance).to(device), seeds=seeds, to_rgb=to_rgb,
                                budgets=budgets or BUDGETS, flat_max=flat_max)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--budgets", type=_ints, default=None, metavar="M1,M2,...",
                    help="CHIMLE candidates per level (default 1,2,4,8,16,32)")
     e.add_argument("--flat-max", type=int, default=None, help="cIMLE codes per image (default 16 * L * max budget)")
+    e.add_argument("--distance", choices=["vgg", "alex"], default="vgg", help="LPIPS backbone (papers: vgg)")
     a = sub.add_parser("ablation", help="train full / no IC / no IC+PE / no IC+PE+CD and compare")
     a.add_argument("--data", required=True, help="folder of training photos ('builtin' allowed)")
     a.add_argument("--held-out", required=True, help="folder of held-out photos")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.which == "efficiency":
         run_efficiency(args.checkpoint, args.data, args.out, args.seeds, args.images, args.crop, args.device,
-                       args.budgets, args.flat_max)
+                       args.budgets, args.flat_max, args.distance)
     else:
         run_ablation(args.data, args.held_out, args.out, args.steps, args.preset, args.task, args.scale, args.crop,
                      samples=args.samples, crops_per_image=args.crops_per_image, overrides=args.set, device=args.device)

@@ -31,7 +31,7 @@ def demo_config(out: str | Path, steps: int | None = None, device: str = "auto")
         "data.val_data": str(Path(out) / "photos" / "held_out"),
         "search.method": "chimle", "search.samples_per_level": [16, 8, 4], "search.distance": "alex",
         "search.batch": 32,
-        "train.steps": steps or 3000, "train.pool_size": 96, "train.steps_per_round": 200,
+        "train.steps": steps or 2500, "train.pool_size": 96, "train.steps_per_round": 200,
         "train.batch_size": 4, "train.lr": 2e-4, "train.checkpoint_every": 500, "train.sample_every": 0,
         "train.grid_inputs": 4, "train.grid_samples": 6, "train.device": device, "train.log_every": 10,
     })
