@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .imageio import pyplot, save_figure
+
 __all__ = ["main", "run_ablation", "run_efficiency"]
 
 
@@ -98,10 +100,7 @@ def run_ablation(data: str, held_out: str, out: str, steps: int = 600, preset: s
 
 
 def _bar_plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     names = [r["ablation"] for r in rows]
@@ -110,8 +109,7 @@ def _bar_plot(rows: list[dict], path: Path) -> None:
         ax.set_title(key)
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _ints(text: str) -> list[int]:

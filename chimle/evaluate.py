@@ -42,6 +42,7 @@ from torch import Tensor
 
 from . import latent, metrics
 from .data import ImageDataset, Task
+from .imageio import pyplot, save_figure
 from .model import TowerModel
 
 __all__ = ["evaluate", "sample_efficiency", "plot_efficiency", "write_markdown_table", "FWV_SIGMAS", "BUDGETS"]
@@ -310,10 +311,7 @@ def sample_efficiency(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
 def plot_efficiency(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """PNG like CHIMLE Fig. 2: generated samples needed (log scale) against the LPIPS distance reached,
     for CHIMLE (L * m) and cIMLE (the best-of-n curve); unreached thresholds are marked at flat_max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, n_max = result["rows"], result["flat_max"]
     t = [r["lpips_threshold"] for r in rows]
@@ -334,8 +332,4 @@ def plot_efficiency(result: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -187,6 +187,25 @@ def save_image(x: torch.Tensor, path: PathLike, quality: int = 95) -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (plots are written as PNG; no display needed).
+    Imported on first use so the core import does not need matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: PathLike, dpi: int = 100, **savefig_kw) -> Path:
+    """Write a matplotlib figure as PNG atomically (parents created) and close it."""
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **savefig_kw))
+    finally:
+        pyplot().close(fig)
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file through `write(f)` atomically: temp file in the same folder, fsync, rename.
 

@@ -25,12 +25,14 @@ import functools
 import math
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch import Tensor
+
+from .imageio import pyplot, save_figure
 
 __all__ = ["fid", "frechet_distance", "kid", "polynomial_mmd", "fwv", "faithfulness_distances", "fwv_from_distances",
            "lpips_diversity", "prd", "prd_curve", "prd_f_beta", "plot_prd", "kmeans", "ivo", "as_features"]
@@ -338,10 +340,7 @@ def prd(real_features: Images, fake_features: Images, num_clusters: int = 20, nu
 
 def plot_prd(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike) -> None:
     """PNG of PRD curves {label: (precision, recall)}: recall on x, precision on y (as Sajjadi et al.)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for label, (precision, recall) in curves.items():
@@ -350,8 +349,7 @@ def plot_prd(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title="PRD")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------

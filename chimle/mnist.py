@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from . import latent, search
+from .imageio import pyplot, save_figure
 from .model import TowerConfig, TowerModel
 from .train import level_losses, seeded
 
@@ -265,18 +266,9 @@ def evaluate(pca: PCA, inputs: np.ndarray, preds: np.ndarray, digits: np.ndarray
                                  / np.linalg.norm(c_real[:, :k], axis=-1).mean())}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_grid(path: str | os.PathLike, inputs: np.ndarray, preds: np.ndarray, digits: np.ndarray) -> Path:
     """Fig. 1a: inputs (N, 28, 28) on top, predictions (N, S, 28, 28) below, originals at the bottom."""
-    plt, path = _pyplot(), Path(path)
+    plt, path = pyplot(), Path(path)
     rows = [inputs, *np.moveaxis(preds, 1, 0), digits]
     n, gap, side = len(inputs), 2, 28
     canvas = np.ones((len(rows) * (side + gap) + gap, n * (side + gap) + gap), np.float32)
@@ -293,17 +285,14 @@ def plot_grid(path: str | os.PathLike, inputs: np.ndarray, preds: np.ndarray, di
     ax.tick_params(length=0)
     for s in ax.spines.values():
         s.set_visible(False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_coordinates(path: str | os.PathLike, pred_coords: np.ndarray, real: np.ndarray,
                      neighbours: np.ndarray, dims: tuple[int, int] = (10, 11)) -> Path:
     """Fig. 1b: PCA coordinates `dims` (0-based; 10, 11 = the 11th and 12th) of many predictions
     (M, D) as a density, the real digit (D,) as a star, the nearest training digits (10, D) as crosses."""
-    plt, path = _pyplot(), Path(path)
+    plt, path = pyplot(), Path(path)
     i, j = dims
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.hexbin(pred_coords[:, i], pred_coords[:, j], gridsize=25, cmap="Blues", mincnt=1)
@@ -314,10 +303,7 @@ def plot_coordinates(path: str | os.PathLike, pred_coords: np.ndarray, real: np.
     ax.set_ylabel(f"PCA coordinate {j + 1}")
     ax.set_title(f"{len(pred_coords)} predictions for one input", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _density_percentile(samples: np.ndarray, points: np.ndarray) -> np.ndarray:

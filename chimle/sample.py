@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import latent
+from .imageio import list_images, load_image, pyplot, save_figure, save_image
 from .latent import Codes
 from .model import TowerModel, downsample
 
@@ -142,8 +143,6 @@ def make_grid(rows: Sequence[Sequence[Tensor]], pad: int = 2) -> Tensor:
 
 def save_grid(path: str | Path, x: Tensor, samples: Tensor, targets: Tensor | None = None, task=None) -> Tensor:
     """One row per input: input | sample 1..K | target (when known). Returns the grid tensor."""
-    from .imageio import save_image
-
     rows = []
     for i in range(x.shape[0]):
         row = [_show_input(x[i], task)] + [samples[k, i] for k in range(samples.shape[0])]
@@ -162,10 +161,7 @@ def _show_input(x: Tensor, task) -> Tensor:
 def plot_curve(steps: Sequence[float], series: dict[str, Sequence[float]], path: str | Path,
                ylabel: str = "loss") -> Path:
     """A line plot PNG (training curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in series.items():
@@ -175,11 +171,7 @@ def plot_curve(steps: Sequence[float], series: dict[str, Sequence[float]], path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- files in, files out (`chimle sample`) --------------------------------------------------------
@@ -201,7 +193,6 @@ def sample_paths(weights: str | Path, inputs: str | Path, num: int, out: str | P
     """
     from .checkpoint import load_with_task
     from .data import make_task, rgb_to_l01
-    from .imageio import list_images, load_image, save_image
 
     model, task_cfg = load_with_task(weights, device)
     task = make_task(**task_cfg) if task_cfg else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,15 @@ def photos(photo_dir) -> list:
     from chimle.imageio import list_images, load_image
 
     return [load_image(p) for p in list_images(photo_dir)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`). For
+    modules of many small ops (tiny towers, small crops), where a second thread only adds
+    synchronisation: on a busy 2-core machine OpenMP threads waiting for each other turn seconds into
+    minutes (measured under load: the IvO test 7 s with 1 thread, 154 s with 2). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,16 +26,7 @@ TINY_SET = ["--set", "train.pool_size=2", "--set", "search.samples_per_level=[2,
             "--set", "train.batch_size=2", "--set", "train.sample_every=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module. Its work is many small ops (tiny towers, small crops) where a
-    second thread only adds synchronisation, and on a busy 2-core machine OpenMP threads waiting for
-    each other turn seconds into minutes (measured under load: the IvO test 7 s with 1 thread, 154 s
-    with 2). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

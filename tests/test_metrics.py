@@ -24,16 +24,7 @@ ASSETS = Path(os.environ.get("CHIMLE_TEST_ASSETS", Path.home() / ".cache/chimle/
 DOCTEST = ASSETS / "torchmetrics-doctest-seed42.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module. Its work is many small ops (tiny towers, small crops) where a
-    second thread only adds synchronisation, and on a busy 2-core machine OpenMP threads waiting for
-    each other turn seconds into minutes (measured under load: the IvO test 7 s with 1 thread, 154 s
-    with 2). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _missing(msg: str) -> None:

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-from chimle import checkpoint
 from chimle.cli import main
 from chimle.imageio import list_images, load_image, save_image
 from chimle.model import TowerConfig, TowerModel
