@@ -124,6 +124,13 @@ def cmd_bench(a, rest: list[str]) -> int:
     return quality_main([a.which, *rest])
 
 
+def cmd_presets(a: argparse.Namespace) -> int:
+    from .model import print_presets
+
+    print_presets()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chimle", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ivo-steps", type=int, help="Adam steps per IvO run (default 200)")
     p.add_argument("--ivo-images", type=int, help="images used for IvO (default: all)")
 
+    sub.add_parser("presets", help="print the model presets' parameter counts")
+
     # `bench` hands everything after its name (--help included) to the benchmark's own parser.
     p = sub.add_parser("bench", add_help=False, help="benchmarks: speed | efficiency | ablation (see --help of each)")
     p.add_argument("which", choices=["speed", "efficiency", "ablation"])
@@ -180,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = parser.parse_known_args(argv)
     if rest and a.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "demo": cmd_demo, "eval": cmd_eval}
+    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "demo": cmd_demo, "eval": cmd_eval,
+                "presets": cmd_presets}
     try:
         if a.command == "bench":
             return cmd_bench(a, rest)

@@ -20,7 +20,7 @@ Two layouts:
     outs = model(x, codes)                   # list of L images in [0, 1], coarsest first
     y2 = model.partial(x, codes, level=2)    # runs levels 1..2 only; == outs[1]
 
-`python -m chimle.model` prints the parameter counts of the presets.
+`chimle presets` prints the parameter counts of the presets.
 """
 
 from __future__ import annotations
@@ -371,12 +371,10 @@ class TowerModel(nn.Module):
         return [p for lv in self.levels for p in lv.mapping.parameters()]
 
 
-def _main() -> None:
+def print_presets() -> None:
+    """Print every preset's parameter count, in total and per level (`chimle presets`)."""
     for name in PRESETS:
         model = TowerModel(TowerConfig.preset(name))
         per_level = ", ".join(f"{model.num_parameters(l) / 1e6:.2f}" for l in range(1, model.cfg.levels + 1))
         print(f"{name:6s} {model.num_parameters() / 1e6:8.2f} M parameters (per level: {per_level} M)")
 
-
-if __name__ == "__main__":
-    _main()

@@ -111,13 +111,18 @@ def test_init_reaches_weight_normalised_convs():
     assert hasattr(conv, "parametrizations")  # weight norm is really on
 
 
-def test_paper_preset_parameter_count():
+def test_paper_preset_parameter_count(capsys):
     model = TowerModel(TowerConfig.preset("paper", layout="upscale"))
     n = model.num_parameters()
-    print(f"paper preset: {n / 1e6:.2f} M parameters")
     assert abs(n / 1e6 - 210.6) < 0.5
     assert abs(model.num_parameters(1) / 1e6 - 112.0) < 0.1
-    assert abs(TowerModel(TowerConfig.preset("paper")).num_parameters() / 1e6 - 210.55) < 0.05
+    # `chimle presets` (the default "same" layout): one line per preset with its total
+    from chimle.cli import main
+
+    assert main(["presets"]) == 0
+    totals = {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()}
+    assert set(totals) == {"paper", "small", "tiny"}
+    assert abs(totals["paper"] - 210.55) < 0.01 and totals["tiny"] < totals["small"] < 5
 
 
 def test_config_validation():
