@@ -44,7 +44,7 @@ def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images
     from .checkpoint import load_with_task
     from .data import make_task
     from .distance import LPIPS
-    from .evaluate import BUDGETS, plot_efficiency, sample_efficiency, write_markdown_table
+    from .evaluate import BUDGETS, level_diagnostics, plot_efficiency, sample_efficiency, write_markdown_table
 
     model, task_cfg = load_with_task(checkpoint, device)
     task = make_task(**task_cfg)
@@ -52,14 +52,19 @@ def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images
     x, y = _held_out(task, data, crop, model.cfg.levels, max(1, images // 2))
     x, y = x[:images].to(device), y[:images].to(device)
     to_rgb = (lambda o, i: task.to_rgb(o, i)) if task.name == "colorize" else None
-    result = sample_efficiency(model, x, y, LPIPS(distance).to(device), seeds=seeds, to_rgb=to_rgb,
-                               budgets=budgets or BUDGETS, flat_max=flat_max)
+    lpips = LPIPS(distance).to(device)
+    result = sample_efficiency(model, x, y, lpips, seeds=seeds, to_rgb=to_rgb, budgets=budgets or BUDGETS,
+                               flat_max=flat_max)
+    result["level_diagnostics"] = level_diagnostics(model, x, y, lpips, to_rgb=to_rgb)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "efficiency.json").write_text(json.dumps(result, indent=2, default=float))
     plot_efficiency(result, out_dir / "efficiency.png")
     write_markdown_table(result["rows"], out_dir / "efficiency.md")
+    write_markdown_table(result["level_diagnostics"], out_dir / "levels.md")
     print((out_dir / "efficiency.md").read_text())
+    print("per level (only that level's component redrawn):")
+    print((out_dir / "levels.md").read_text())
     return result
 
 

@@ -45,7 +45,7 @@ from .data import ImageDataset, Task
 from .imageio import pyplot, save_figure
 from .model import TowerModel
 
-__all__ = ["evaluate", "sample_efficiency", "plot_efficiency", "write_markdown_table", "FWV_SIGMAS", "BUDGETS"]
+__all__ = ["evaluate", "sample_efficiency", "level_diagnostics", "plot_efficiency", "write_markdown_table", "FWV_SIGMAS", "BUDGETS"]
 
 FWV_SIGMAS = (0.3, 0.2, 0.15)  # the bandwidths the cIMLE and CHIMLE papers report
 BUDGETS = (1, 2, 4, 8, 16, 32)  # CHIMLE candidates per level on the efficiency curve
@@ -306,6 +306,40 @@ def sample_efficiency(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
                      "cimle_samples": cimle, "ratio": ratio})
     return {"rows": rows, "levels": levels, "images": n, "seeds": seeds, "budgets": budgets, "flat_max": n_max,
             "chimle_std": chimle.mean(2).std(0).tolist(), "cimle_curve": curve.tolist()}
+
+
+def level_diagnostics(model: TowerModel, x: Tensor, y: Tensor, distance: Callable[[Tensor, Tensor], Tensor],
+                      draws: int = 24, to_rgb: ToRGB | None = None, seed: int = 0,
+                      memory_budget: int | str | None = None) -> list[dict[str, float]]:
+    """Why CHIMLE does or does not beat cIMLE on a model: per level l, redraw only component l
+    (`draws` times, the other components fixed at one random code per input) and report
+
+        final_std           std over the draws of d(final output, y): how much of the final
+                            distance level l's component controls
+        partial_final_corr  Pearson correlation over the draws between d(level-l output, y at level l)
+                            and d(final output, y): how well partial evaluation at level l predicts
+                            the final distance (1 at the last level by construction)
+
+    both averaged over images. CHIMLE's premise (Sect. 2.2) is a coarse level that carries much of
+    the variation and a partial evaluation that predicts the final; a weakly trained tower can break
+    the second, and then hierarchical search gains little over flat search.
+    """
+    from . import search
+
+    ev = search._Evaluator(model, x, y, distance, to_rgb, memory_budget)  # checks [0, 1]
+    layout, device, n, levels = ev.layout, ev.device, x.shape[0], model.cfg.levels
+    g = _generator(device, seed, 2)
+    base = latent.repeat(layout.sample(n, g, device), draws)  # row i * draws + j: input i
+    rows = []
+    with ev.context():
+        for level in range(1, levels + 1):
+            codes = latent.replace(base, level, layout.sample_level(level, n * draws, g, device))
+            final = ev.score(ev.initial, 1, codes, draws).double().cpu()  # (N, draws)
+            part = ev.score(ev.initial, 1, codes[:level], draws).double().cpu()
+            corr = [torch.corrcoef(torch.stack([f, p]))[0, 1].item() for f, p in zip(final, part)]
+            rows.append({"level": level, "final_std": final.std(1).mean().item(),
+                         "partial_final_corr": float(np.nanmean(corr)) if not np.isnan(corr).all() else float("nan")})
+    return rows
 
 
 def plot_efficiency(result: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from chimle import evaluate as ev
-from chimle import search
+from chimle import latent, search
 from chimle.checkpoint import load_with_task
 from chimle.cli import main
 from chimle.data import ImageDataset, make_task
 from chimle.distance import LPIPS
 from chimle.imageio import list_images, load_image
+from chimle.model import downsample
 from chimle.sample import generate
 from chimle.search import ABLATIONS
 
@@ -118,6 +119,27 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
     assert len(table) == 2 + len(rows) and table[2].startswith("| 1 | 2 | ")
 
 
+def test_level_diagnostics_match_direct_forward(ckpt, held_out):
+    model, task_cfg = load_with_task(ckpt)
+    ds = ImageDataset(held_out, make_task(**task_cfg), crop=16, train=False)
+    x, y = (torch.stack([ds[i][k] for i in range(2)]) for k in ("input", "target"))
+    d, draws = LPIPS("alex"), 5
+    diag = ev.level_diagnostics(model, x, y, d, draws=draws, seed=4)
+    # the same codes by hand (the function's documented draw order), scored by plain forward passes
+    layout, g = model.latent_layout(tuple(x.shape[-2:])), ev._generator(model.device, 4, 2)
+    base = latent.repeat(layout.sample(2, g), draws)
+    xr, yr = x.repeat_interleave(draws, 0), y.repeat_interleave(draws, 0)
+    with torch.no_grad():
+        for row in diag:
+            codes = latent.replace(base, row["level"], layout.sample_level(row["level"], 2 * draws, g))
+            outs = model(xr, codes)
+            final = d(outs[-1], yr).view(2, draws).double()
+            part = d(outs[row["level"] - 1], downsample(yr, tuple(outs[row["level"] - 1].shape[-2:])))
+            corr = np.mean([np.corrcoef(f, p)[0, 1] for f, p in zip(final.numpy(), part.view(2, draws).double().numpy())])
+            assert row["final_std"] == pytest.approx(final.std(1).mean().item(), rel=1e-4)
+            assert row["partial_final_corr"] == pytest.approx(corr, abs=1e-4)
+
+
 def test_cli_eval(ckpt, held_out, tmp_path, capsys):
     out = tmp_path / "cli_eval"
     assert main(["eval", str(ckpt), "--data", str(held_out), "--num", "2", "--out", str(out), "--crop", "16",
@@ -143,6 +165,13 @@ def test_cli_bench_efficiency(ckpt, held_out, tmp_path):
     header = "| per_level_m | chimle_samples | lpips_threshold | cimle_samples | ratio |"
     assert (out / "efficiency.md").read_text().startswith(header)
     assert (out / "efficiency.png").stat().st_size > 1000
+    # per-level diagnostics: at the last level the partial output is the final one (correlation 1);
+    # every level's component moves the final distance
+    diag = r["level_diagnostics"]
+    assert [row["level"] for row in diag] == [1, 2]
+    assert diag[-1]["partial_final_corr"] == pytest.approx(1.0, abs=1e-6)
+    assert -1 <= diag[0]["partial_final_corr"] <= 1 and all(row["final_std"] > 0 for row in diag)
+    assert (out / "levels.md").read_text().startswith("| level | final_std | partial_final_corr |")
 
 
 def test_cli_bench_ablation(held_out, tmp_path):
