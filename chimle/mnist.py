@@ -268,7 +268,7 @@ def evaluate(pca: PCA, inputs: np.ndarray, preds: np.ndarray, digits: np.ndarray
 
 def plot_grid(path: str | os.PathLike, inputs: np.ndarray, preds: np.ndarray, digits: np.ndarray) -> Path:
     """Fig. 1a: inputs (N, 28, 28) on top, predictions (N, S, 28, 28) below, originals at the bottom."""
-    plt, path = pyplot(), Path(path)
+    plt = pyplot()
     rows = [inputs, *np.moveaxis(preds, 1, 0), digits]
     n, gap, side = len(inputs), 2, 28
     canvas = np.ones((len(rows) * (side + gap) + gap, n * (side + gap) + gap), np.float32)
@@ -292,7 +292,7 @@ def plot_coordinates(path: str | os.PathLike, pred_coords: np.ndarray, real: np.
                      neighbours: np.ndarray, dims: tuple[int, int] = (10, 11)) -> Path:
     """Fig. 1b: PCA coordinates `dims` (0-based; 10, 11 = the 11th and 12th) of many predictions
     (M, D) as a density, the real digit (D,) as a star, the nearest training digits (10, D) as crosses."""
-    plt, path = pyplot(), Path(path)
+    plt = pyplot()
     i, j = dims
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.hexbin(pred_coords[:, i], pred_coords[:, j], gridsize=25, cmap="Blues", mincnt=1)
