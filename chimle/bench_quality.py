@@ -51,7 +51,7 @@ def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images
     crop = crop or model.cfg.input_size * task.scale
     x, y = _held_out(task, data, crop, model.cfg.levels, max(1, images // 2))
     x, y = x[:images].to(device), y[:images].to(device)
-    to_rgb = (lambda o, i: task.to_rgb(o, i)) if task.name == "colorize" else None
+    to_rgb = task.output_to_rgb
     lpips = LPIPS(distance).to(device)
     result = sample_efficiency(model, x, y, lpips, seeds=seeds, to_rgb=to_rgb, budgets=budgets or BUDGETS,
                                flat_max=flat_max)
@@ -73,10 +73,10 @@ def run_ablation(data: str, held_out: str, out: str, steps: int = 600, preset: s
                  overrides: list[str] | None = None, device: str = "cpu") -> list[dict]:
     from . import metrics
     from .config import load_config
-    from .evaluate import _generator, write_markdown_table
+    from .evaluate import write_markdown_table
     from .sample import generate
     from .search import ABLATIONS
-    from .train import Trainer
+    from .train import Trainer, seeded
 
     out_dir = Path(out)
     rows = []
@@ -88,7 +88,7 @@ def run_ablation(data: str, held_out: str, out: str, steps: int = 600, preset: s
         trainer = Trainer(cfg)
         trainer.run()
         x, y = _held_out(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
-        g = _generator(trainer.device, 0, 66)  # on the model's device, as generate draws there
+        g = seeded(0, 66, device=trainer.device)  # on the model's device, as generate draws there
         fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()
         with torch.no_grad():
             d = torch.stack([trainer.distance(fake[k].to(trainer.device), y.to(trainer.device)).cpu()

@@ -34,7 +34,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -221,6 +221,12 @@ class Task:
     def to_rgb(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """Model output -> RGB in [0, 1]; ``input`` is the input at the output's resolution."""
         return output
+
+    @property
+    def output_to_rgb(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """``to_rgb`` where the model's output is not RGB (colourisation), else None: the ``to_rgb``
+        argument of the search, the efficiency curve and IvO."""
+        return self.to_rgb if self.out_channels != 3 else None
 
     def config(self) -> dict:
         """``make_task(**task.config())`` rebuilds this task."""

@@ -42,25 +42,15 @@ from torch import Tensor
 
 from . import latent, metrics
 from .data import ImageDataset, Task
-from .imageio import pyplot, save_figure
+from .imageio import check_range01, pyplot, save_figure
 from .model import TowerModel
+from .train import seeded
 
 __all__ = ["evaluate", "sample_efficiency", "level_diagnostics", "plot_efficiency", "write_markdown_table", "FWV_SIGMAS", "BUDGETS"]
 
 FWV_SIGMAS = (0.3, 0.2, 0.15)  # the bandwidths the cIMLE and CHIMLE papers report
 BUDGETS = (1, 2, 4, 8, 16, 32)  # CHIMLE candidates per level on the efficiency curve
 ToRGB = Callable[[Tensor, Tensor], Tensor]
-
-
-def _generator(device: torch.device, *key: int) -> torch.Generator:
-    """A generator on `device` determined by the integers in `key` (independent streams per use)."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def _check01(x: Tensor, what: str) -> None:
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"{what} must be images in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
 
 
 def _held_out(task: Task, data: str | os.PathLike | ImageDataset, crop: int, levels: int,
@@ -118,14 +108,14 @@ def evaluate(model: TowerModel, task: Task, data: str | os.PathLike | ImageDatas
     device = model.device
     crop = crop or model.cfg.input_size * task.scale
     x, y, names = _held_out(task, data, crop, model.cfg.levels, max_images)
-    _check01(x, "inputs")
-    _check01(y, "targets")
+    check_range01(x, "inputs")
+    check_range01(y, "targets")
     n = x.shape[0]
 
-    g = _generator(device, seed, 1)
+    g = seeded(seed, 1, device=device)
     samples = torch.cat([generate(model, x[lo:lo + batch_size], num_samples, g, task=task).float().cpu()
                          for lo in range(0, n, batch_size)], 1)  # (K, N, 3, H, W)
-    _check01(samples, "samples")
+    check_range01(samples, "samples")
     if samples.shape[1:] != y.shape:
         raise ValueError(f"samples {tuple(samples.shape[1:])} do not match the targets {tuple(y.shape)}: "
                          f"is the checkpoint trained for this task ({task.name})?")
@@ -138,7 +128,7 @@ def evaluate(model: TowerModel, task: Task, data: str | os.PathLike | ImageDatas
     fr = features(y, dims=2048, device=device)
     ff = features(fake, dims=2048, device=device)
     r["fid"] = _recorded(lambda: metrics.fid(fr, ff), notes)
-    r["kid"], r["kid_std"] = _recorded(lambda: metrics.kid(fr, ff, generator=_generator(torch.device("cpu"), seed, 2)),
+    r["kid"], r["kid_std"] = _recorded(lambda: metrics.kid(fr, ff, generator=seeded(seed, 2)),
                                        notes)
     r["kid_subset_size"] = min(50, n)
 
@@ -160,9 +150,9 @@ def evaluate(model: TowerModel, task: Task, data: str | os.PathLike | ImageDatas
 
     if ivo_runs > 0 and ivo_steps > 0:
         k = n if ivo_images is None else max(1, min(n, ivo_images))
-        to_rgb = (lambda o, i: task.to_rgb(o, i)) if task.name == "colorize" else None
         mean, std = metrics.ivo(model, x[:k], y[:k], runs=ivo_runs, steps=ivo_steps,
-                                generator=_generator(device, seed, 3), to_rgb=to_rgb, batch_size=batch_size)
+                                generator=seeded(seed, 3, device=device), to_rgb=task.output_to_rgb,
+                                batch_size=batch_size)
         r.update(ivo_mean=mean * 1e3, ivo_std=std * 1e3, ivo_images=k, ivo_runs=ivo_runs, ivo_steps=ivo_steps)
 
     rows = min(n, grid_inputs)
@@ -274,7 +264,7 @@ def sample_efficiency(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
         for s in range(seeds):
             # CHIMLE, nested candidates: pool row i * top + j is candidate j of input i (the order
             # search.hierarchical draws them in with m = top).
-            g = _generator(device, seed, s, 0)
+            g = seeded(seed, s, 0, device=device)
             prefixes = [ev.initial] * len(budgets)
             for level in range(1, levels + 1):
                 pool = layout.sample_level(level, n * top, g, device)
@@ -290,7 +280,7 @@ def sample_efficiency(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
                         pick = torch.arange(n, device=device) * top + best
                         prefixes[b] = ev.step(level, prefixes[b], ev.fmt(latent.index([pool], pick)[0]))
             # cIMLE: whole codes, judged by the full output.
-            g = _generator(device, seed, s, 1)
+            g = seeded(seed, s, 1, device=device)
             for lo in range(0, n_max, chunk):
                 c = min(chunk, n_max - lo)
                 d = ev.score(ev.initial, 1, layout.sample(n * c, g, device), c)
@@ -328,7 +318,7 @@ def level_diagnostics(model: TowerModel, x: Tensor, y: Tensor, distance: Callabl
 
     ev = search._Evaluator(model, x, y, distance, to_rgb, memory_budget)  # checks [0, 1]
     layout, device, n, levels = ev.layout, ev.device, x.shape[0], model.cfg.levels
-    g = _generator(device, seed, 2)
+    g = seeded(seed, 2, device=device)
     base = latent.repeat(layout.sample(n, g, device), draws)  # row i * draws + j: input i
     rows = []
     with ev.context():

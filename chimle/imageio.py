@@ -155,6 +155,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255.0).round_().to(torch.uint8)
 
 
+def check_range01(x: torch.Tensor, what: str) -> None:
+    """ValueError unless every value of `x` is in [0, 1] (NaN fails too): images inside chimle."""
+    if x.numel() and not (x.min() >= 0 and x.max() <= 1):
+        raise ValueError(f"{what} must be images in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+
+
 def save_image(x: torch.Tensor, path: PathLike, quality: int = 95) -> Path:
     """Write a (3, H, W), (1, H, W) or (H, W) tensor in [0, 1] to ``path``.
 

@@ -102,6 +102,12 @@ def index(codes: Codes, idx: Tensor | Sequence[int] | slice) -> Codes:
     return [Component(c.style[idx], c.noise[idx]) for c in codes]
 
 
+def channels_last(codes: Codes) -> Codes:
+    """The same codes with the noise maps in channels-last memory layout (on CUDA the tower's
+    activations are channels-last, which cuDNN's bf16 convolutions prefer)."""
+    return [Component(c.style, c.noise.contiguous(memory_format=torch.channels_last)) for c in codes]
+
+
 def cat(batches: Sequence[Codes]) -> Codes:
     """Concatenate batches of codes along the batch dimension."""
     return [Component(torch.cat([b[l].style for b in batches]), torch.cat([b[l].noise for b in batches]))

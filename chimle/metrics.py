@@ -32,7 +32,7 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
-from .imageio import pyplot, save_figure
+from .imageio import check_range01, pyplot, save_figure
 
 __all__ = ["fid", "frechet_distance", "kid", "polynomial_mmd", "fwv", "faithfulness_distances", "fwv_from_distances",
            "lpips_diversity", "prd", "prd_curve", "prd_f_beta", "plot_prd", "kmeans", "ivo", "as_features"]
@@ -173,19 +173,14 @@ def _lpips(device: str):
     return LPIPS("alex").to(device)
 
 
-def _check01(x: Tensor, what: str) -> None:
-    if x.numel() and not (x.min() >= 0 and x.max() <= 1):
-        raise ValueError(f"{what} must be images in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
-
-
 def _check_samples(samples: Tensor, targets: Tensor | None = None) -> None:
     if samples.ndim != 5:
         raise ValueError(f"samples must be (K, N, 3, H, W), got {tuple(samples.shape)}")
-    _check01(samples, "samples")
+    check_range01(samples, "samples")
     if targets is not None:
         if targets.shape != samples.shape[1:]:
             raise ValueError(f"targets {tuple(targets.shape)} must be (N, 3, H, W) = {tuple(samples.shape[1:])}")
-        _check01(targets, "targets")
+        check_range01(targets, "targets")
 
 
 @torch.no_grad()
@@ -372,8 +367,8 @@ def ivo(model, inputs: Tensor, targets: Tensor, runs: int = 5, steps: int = 200,
 
     from . import latent
 
-    _check01(inputs, "inputs")
-    _check01(targets, "targets")
+    check_range01(inputs, "inputs")
+    check_range01(targets, "targets")
     device = model.device
     g = generator if generator is not None else torch.Generator(device).manual_seed(0)
     layout = model.latent_layout(tuple(inputs.shape[-2:]))

@@ -230,7 +230,7 @@ class _Evaluator:
         if not self.cuda:
             return t
         if isinstance(t, latent.Component):
-            return latent.Component(t.style, t.noise.contiguous(memory_format=torch.channels_last))
+            return latent.channels_last([t])[0]
         return t.contiguous(memory_format=torch.channels_last)
 
     @contextlib.contextmanager

@@ -39,9 +39,11 @@ from .model import TowerModel, downsample
 __all__ = ["Trainer", "train", "seeded", "level_losses", "optimize_step"]
 
 
-def seeded(*key: int) -> torch.Generator:
-    """A generator determined by the integers in `key` (independent streams for each use)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]))
+def seeded(*key: int, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator on `device` (default CPU) determined by the integers in `key` (independent streams
+    for each use)."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def level_losses(task, distance, outs: list[Tensor], x: Tensor, y: Tensor, pixel_weight: float = 0.0) -> Tensor:
@@ -70,7 +72,7 @@ def optimize_step(model, opt: torch.optim.Optimizer, task, distance, x: Tensor, 
     cuda = x.device.type == "cuda"
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-        codes = [latent.Component(c.style, c.noise.contiguous(memory_format=torch.channels_last)) for c in codes]
+        codes = latent.channels_last(codes)
     with torch.autocast("cuda", dtype=torch.bfloat16) if cuda and amp else contextlib.nullcontext():
         outs = model(x, codes)
     losses = level_losses(task, distance, outs, x, y, pixel_weight)  # (n, L)
@@ -153,7 +155,7 @@ class Trainer:
         so the result does not depend on the number of ranks."""
         cfg, s = self.cfg, self.cfg.search
         size = cfg.train.pool_size
-        to_rgb = (lambda out, inp: self.task.to_rgb(out, inp)) if self.task.name == "colorize" else None
+        to_rgb = self.task.output_to_rgb
         budget = s.memory_budget or None
         chunks = [list(range(i, min(i + s.batch, size))) for i in range(0, size, s.batch)]
         mine = dist.shard(len(chunks))
@@ -208,7 +210,7 @@ class Trainer:
         scale = dist.world_size() / t.batch_size
         losses = optimize_step(self.ddp, self.opt, self.task, self.distance, x, y, codes, loss_scale=scale,
                                amp=t.amp, pixel_weight=t.pixel_weight)
-        per_level = dist.all_mean(losses.detach().mean(0))  # the global batch's loss, on every rank
+        per_level = dist.all_mean(losses.mean(0))  # the global batch's loss, on every rank
         return {"loss": float(per_level.sum()), **{f"level{l + 1}": float(v) for l, v in enumerate(per_level)}}
 
     # -- the loop ---------------------------------------------------------------------------------

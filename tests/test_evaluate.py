@@ -21,6 +21,7 @@ from chimle.imageio import list_images, load_image
 from chimle.model import downsample
 from chimle.sample import generate
 from chimle.search import ABLATIONS
+from chimle.train import seeded
 
 TINY = ["--preset", "tiny", "--task", "sr", "--scale", "4", "--crop", "16"]
 TINY_SET = ["--set", "train.pool_size=2", "--set", "search.samples_per_level=[2,2]", "--set", "search.distance=alex",
@@ -111,7 +112,7 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
             assert n == "> 48" and curve[-1] > row["lpips_threshold"]
     # one seed at the largest budget is exactly search.hierarchical with that seed's generator
     one = ev.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5)
-    _, dists = search.hierarchical(model, x, y, d, [8] * levels, ev._generator(model.device, 5, 0, 0))
+    _, dists = search.hierarchical(model, x, y, d, [8] * levels, seeded(5, 0, 0, device=model.device))
     assert one["rows"][-1]["lpips_threshold"] == pytest.approx(float(dists.double().mean()), abs=1e-6)
     assert ev.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5) == one  # deterministic
     assert ev.plot_efficiency(r, tmp_path / "eff.png").stat().st_size > 1000
@@ -126,7 +127,7 @@ def test_level_diagnostics_match_direct_forward(ckpt, held_out):
     d, draws = LPIPS("alex"), 5
     diag = ev.level_diagnostics(model, x, y, d, draws=draws, seed=4)
     # the same codes by hand (the function's documented draw order), scored by plain forward passes
-    layout, g = model.latent_layout(tuple(x.shape[-2:])), ev._generator(model.device, 4, 2)
+    layout, g = model.latent_layout(tuple(x.shape[-2:])), seeded(4, 2, device=model.device)
     base = latent.repeat(layout.sample(2, g), draws)
     xr, yr = x.repeat_interleave(draws, 0), y.repeat_interleave(draws, 0)
     with torch.no_grad():
