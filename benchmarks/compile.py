@@ -9,7 +9,7 @@ has no compile switch: on a CPU it measured no gain.
 
 import sys
 
-from chimle.benchmark import main
+from chimle.apps.bench_speed import main
 
 if __name__ == "__main__":
     sys.exit(main(["--compile", "--only", "search,train", *sys.argv[1:]]))

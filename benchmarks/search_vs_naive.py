@@ -12,7 +12,7 @@ fast search's per-level throughput.
 
 import sys
 
-from chimle.benchmark import main
+from chimle.apps.bench_speed import main
 
 if __name__ == "__main__":
     sys.exit(main(["--only", "search,naive", *sys.argv[1:]]))

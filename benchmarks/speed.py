@@ -10,7 +10,7 @@ The same as `chimle bench speed`; every option is documented in chimle/benchmark
 
 import sys
 
-from chimle.benchmark import main
+from chimle.apps.bench_speed import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Component", "Codes", "LatentLayout", "replace", "repeat", "index", "cat", "flatten", "unflatten", "to"]
+__all__ = ["Component", "Codes", "LatentLayout", "replace", "repeat", "index", "cat", "flatten", "unflatten", "to",
+           "to_authors", "from_authors"]
 
 
 class Component(NamedTuple):
@@ -135,4 +136,32 @@ def unflatten(z: Tensor, layout: LatentLayout) -> Codes:
         noise = z[:, offset:offset + k].reshape(-1, layout.noise_channels, h, w)
         offset += k
         out.append(Component(style, noise))
+    return out
+
+
+# The authors' layout (niopeng/CHIMLE, for towers converted from their checkpoints): one flat tensor per level,
+# code_l of shape (N, code_dim + noise_channels * h_l * w_l), read by their forward as
+#     style = code_l[:, :code_dim]
+#     noise = code_l[:, code_dim:].reshape(N, noise_channels, h_l, w_l)
+# i.e. exactly one of our components flattened (row-major C, H, W). The noise sizes agree too: theirs are
+# (h, w) * 2^(l-1) of the first level's input, which is `LatentLayout.sizes` for both layouts.
+
+
+def to_authors(codes: Codes) -> list[Tensor]:
+    """Our components -> the authors' per-level flat codes [(N, code_dim + noise_channels * h_l * w_l), ...]."""
+    return [torch.cat([c.style, c.noise.flatten(1)], 1) for c in codes]
+
+
+def from_authors(flat: Sequence[Tensor], layout: LatentLayout) -> Codes:
+    """The authors' per-level flat codes (levels 1..k, k <= layout.levels, as their partial codes) -> our
+    components. Inverse of `to_authors`; the tensors are viewed, not copied, where they are contiguous."""
+    if not 1 <= len(flat) <= layout.levels:
+        raise ValueError(f"expected 1..{layout.levels} per-level codes, got {len(flat)}")
+    out = []
+    for l, (code, (h, w), k) in enumerate(zip(flat, layout.sizes, layout.dims()), 1):
+        if code.ndim != 2 or code.shape[1] != k:
+            raise ValueError(f"level {l}: the authors' code must be (N, {k}) = (N, {layout.code_dim} + "
+                             f"{layout.noise_channels} x {h} x {w}), got {tuple(code.shape)}")
+        out.append(Component(code[:, : layout.code_dim],
+                             code[:, layout.code_dim:].reshape(-1, layout.noise_channels, h, w)))
     return out

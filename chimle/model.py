@@ -14,19 +14,24 @@ Two layouts:
   "upscale" (super-resolution by 2^L): level 1 reads the input, each later level reads the previous
             level's output (as the authors' code does); level l outputs input * 2^l.
 
+The authors' conventions, where their code computes otherwise (`chimle.inference.convert` sets them for
+towers converted from their checkpoints; the defaults are chimle's): `feedback="tanh"` (their SR feeds
+later levels the raw tanh in [-1, 1]), `final_convs` (their colourisation's last level: two more convs
+before the head), `output_mode="ab_times_l"` (their colourisation's head predicts (a/127)*L, (b/127)*L).
+
     cfg = TowerConfig.preset("tiny", layout="upscale")
     model = TowerModel(cfg)
     codes = model.sample_codes(2, generator=torch.Generator().manual_seed(0))
     outs = model(x, codes)                   # list of L images in [0, 1], coarsest first
     y2 = model.partial(x, codes, level=2)    # runs levels 1..2 only; == outs[1]
 
-`chimle presets` prints the parameter counts of the presets.
+`chimle presets` prints the parameter counts of the presets. `NoiseEncoder` is cIMLE's (scene layouts).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +39,9 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from .latent import Codes, Component, LatentLayout
+from .resample import resize
 
-__all__ = ["TowerConfig", "TowerModel", "LevelState", "NormStats", "downsample"]
+__all__ = ["TowerConfig", "TowerModel", "LevelState", "NormStats", "NoiseEncoder", "PRESETS"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The authors' configuration (see REFERENCE.md): 210.62 M parameters in the "upscale" layout; the
@@ -69,6 +75,18 @@ class TowerConfig:
     feature_scale: float = 0.1               # scale of the previous level's feature fed to the next level
     residual_scale: float = 0.2              # beta, residual scaling in dense blocks and around each RRDB
     input_size: int = 256                    # default input side for `sample_codes` (32 for 16x SR)
+    # The authors' conventions (niopeng/CHIMLE), for towers converted from their checkpoints
+    # (`chimle.inference.convert`); the defaults are chimle's own and leave a tower unchanged.
+    feedback: str = "image"                  # "upscale": what levels > 1 read of the previous output: "image"
+    #                                          its [0, 1] output; "tanh" the raw tanh in [-1, 1] (authors' SR)
+    final_convs: bool = False                # "same": conv, LReLU, conv, LReLU between the last level's trunk and
+    #                                          its head (the authors' colourisation: an `up` block without upsampling)
+    output_mode: str = "tanh01"              # head tanh t -> output: "tanh01" (t + 1) / 2; "ab_times_l" the authors'
+    #                                          colourisation, t = (a / 127) * max(L, 0.01), returned as ab01 (see Level)
+
+    # Fields written by `to_dict` only when they differ from their defaults, so that every existing config
+    # serialises exactly as before (config.yaml of a run, whose resume compares it, and exported metadata).
+    _CONVENTIONS: ClassVar[tuple[str, ...]] = ("feedback", "final_convs", "output_mode")
 
     def __post_init__(self) -> None:
         self.channels, self.growth = tuple(self.channels), tuple(self.growth)
@@ -81,6 +99,15 @@ class TowerConfig:
                 raise ValueError(f"{name} needs one entry per level ({self.levels}), got {getattr(self, name)}")
         if self.mapping_layers < 2:
             raise ValueError("mapping_layers must be >= 2 (a first layer plus the layer that mixes earlier w)")
+        if self.feedback not in ("image", "tanh"):
+            raise ValueError(f"feedback must be 'image' or 'tanh', got {self.feedback!r}")
+        if self.output_mode not in ("tanh01", "ab_times_l"):
+            raise ValueError(f"output_mode must be 'tanh01' or 'ab_times_l', got {self.output_mode!r}")
+        if self.final_convs and self.layout != "same":
+            raise ValueError("final_convs needs the 'same' layout (in 'upscale' the last level has its upsampler)")
+        if self.output_mode == "ab_times_l" and (self.layout, self.in_channels, self.out_channels) != ("same", 1, 2):
+            raise ValueError("output_mode 'ab_times_l' is colourisation's: layout 'same', in_channels 1 (L), "
+                             "out_channels 2 (ab)")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TowerConfig":
@@ -96,7 +123,9 @@ class TowerConfig:
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in d.items() if not (k in self._CONVENTIONS and v == defaults[k])}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TowerConfig":
@@ -124,13 +153,6 @@ class TowerConfig:
         """Output resolution of each level."""
         k = 2 if self.layout == "upscale" else 1
         return [(a * k, b * k) for a, b in self.level_sizes(h, w)]
-
-
-def downsample(img: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bicubic resize of images in [0, 1] (the level pyramid of inputs and targets)."""
-    if tuple(img.shape[-2:]) == tuple(size):
-        return img
-    return F.interpolate(img, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +240,27 @@ class Level(nn.Module):
         has_up = self.upscale or i < cfg.levels - 1
         self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), wn_conv(nf, nf), act(),
                                 wn_conv(nf, nf), act()) if has_up else None
+        # The authors' colourisation gives the last level the same two convs without the upsampling, and
+        # its head reads their output (cfg.final_convs).
+        last = i == cfg.levels - 1
+        self.refine = (nn.Sequential(wn_conv(nf, nf), act(), wn_conv(nf, nf), act())
+                       if cfg.final_convs and last else None)
         self.head = wn_conv(nf, cfg.out_channels)
+        self.output_mode = cfg.output_mode
+
+    def output(self, feat: Tensor, image: Tensor) -> Tensor:
+        """The head: tanh(conv(feat)) -> this level's output, in [0, 1] (but see "ab_times_l").
+
+        "tanh01": (t + 1) / 2. "ab_times_l" (the authors' colourisation): the tanh predicts
+        t = (a / 127) * max(L, 0.01) for each of a, b, with L = `image`, the level's input lightness L/100;
+        the output is chimle's chroma ab01 = (ab + 128) / 255 with ab = 127 * t / max(L, 0.01), what
+        `Colorize.rgb` composes with L. Where the authors' a, b leave [-128, 127] (t large where L is
+        dark), ab01 leaves [0, 1]; the RGB made from it is clipped as theirs is, so it is not clamped here.
+        """
+        t = torch.tanh(self.head(feat))
+        if self.output_mode == "ab_times_l":
+            return (t / image.clamp(min=0.01) * 127.0 + 128.0) / 255.0
+        return (t + 1) / 2
 
     def forward(self, image: Tensor, z: Component, prev_feature: Tensor | None, earlier_w: list[Tensor],
                 stats: NormStats | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -244,8 +286,10 @@ class Level(nn.Module):
         feat = feat + self.conv_trunk(x)
         if self.upscale:
             feat = self.up(feat)
-            return (torch.tanh(self.head(feat)) + 1) / 2, feat, w
-        out = (torch.tanh(self.head(feat)) + 1) / 2
+            return self.output(feat, image), feat, w
+        if self.refine is not None:  # the last level: nothing to hand on
+            return self.output(self.refine(feat), image), None, w
+        out = self.output(feat, image)
         return out, (self.up(feat) if self.up is not None else None), w
 
 
@@ -332,13 +376,15 @@ class TowerModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"input must be (N, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         sizes = self.cfg.level_sizes(*x.shape[-2:])
-        inputs = [x] if self.cfg.layout == "upscale" else [downsample(x, s) for s in sizes]
+        inputs = [x] if self.cfg.layout == "upscale" else [resize(x, s) for s in sizes]
         return LevelState(inputs, None, [], None)
 
     def step(self, level: int, state: LevelState, z: Component, stats: NormStats | None = None) -> LevelState:
         """Run `level` (1-based) on top of the state left by levels 1..level-1."""
         if self.cfg.layout == "upscale" and level > 1:
             image = state.output
+            if self.cfg.feedback == "tanh":  # the authors' SR feeds the raw tanh: recover it from (t + 1) / 2
+                image = 2 * image - 1
         else:
             image = state.inputs[level - 1]
         out, feat, w = self.levels[level - 1](image, z, None if level == 1 else self.cfg.feature_scale * state.feature,
@@ -371,10 +417,42 @@ class TowerModel(nn.Module):
         return [p for lv in self.levels for p in lv.mapping.parameters()]
 
 
-def print_presets() -> None:
-    """Print every preset's parameter count, in total and per level (`chimle presets`)."""
-    for name in PRESETS:
-        model = TowerModel(TowerConfig.preset(name))
-        per_level = ", ".join(f"{model.num_parameters(l) / 1e6:.2f}" for l in range(1, model.cfg.levels + 1))
-        print(f"{name:6s} {model.num_parameters() / 1e6:8.2f} M parameters (per level: {per_level} M)")
+class NoiseEncoder(nn.Module):
+    """cIMLE's noise encoder (IJCV 2020), Sect. 5.2.1: "a 3-layer convolutional net that takes the segmentation x and a lower-dimensional
+    noise vector z~ as input and outputs a noise vector z' of the same size as z"; Sect. 5.2.5: noise
+    z~ of 10 channels, output z' of 10 channels, "the number of output channels in the intermediate
+    layers is 100". (Sect. 5.2.5 gives the segmentation 30 channels; in the authors' code 30 is the
+    encoder's whole input, 20 label channels + 10 noise channels.)
 
+    Kernel sizes, normalisation, activations and initialisation are not in the paper; they follow the
+    authors' code (noise_encoder in zth667/Diverse-Image-Synthesis-from-Semantic-Layout, train.py):
+    3x3 conv -> layer norm -> LeakyReLU(0.2), twice, then a linear 1x1 conv; weights drawn from a
+    normal truncated at 2 std with std 0.15, no bias before a norm. GroupNorm(1, C) is TF-slim's
+    layer_norm (statistics over C, H, W per image, per-channel affine)."""
+
+    def __init__(self, seg_channels: int, noise_channels: int = 10, out_channels: int = 10, hidden: int = 100):
+        super().__init__()
+        self.seg_channels, self.noise_channels = seg_channels, noise_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(seg_channels + noise_channels, hidden, 3, padding=1, bias=False),
+            nn.GroupNorm(1, hidden), nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
+            nn.GroupNorm(1, hidden), nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, out_channels, 1),
+        )
+        for m in self.net:
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=0.15, a=-0.3, b=0.3)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, seg: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """seg (N, seg_channels, H, W), e.g. one-hot labels; noise (N, noise_channels, H, W), drawn
+        from N(0, I) when omitted. Returns z' (N, out_channels, H, W)."""
+        n, _, h, w = seg.shape
+        if noise is None:
+            noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=seg.device, dtype=seg.dtype)
+        if seg.shape[1] != self.seg_channels or noise.shape != (n, self.noise_channels, h, w):
+            raise ValueError(f"expected seg (N, {self.seg_channels}, H, W) and noise (N, {self.noise_channels}, H, W), "
+                             f"got {tuple(seg.shape)} and {tuple(noise.shape)}")
+        return self.net(torch.cat([seg, noise.to(seg.dtype)], 1))

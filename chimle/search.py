@@ -10,7 +10,7 @@ Both run without gradients, in chunks of candidates sized from a memory budget, 
 target's distance features once per level (not once per chunk). They return the chosen codes and
 the distances of those codes at the last level.
 
-Fast paths (measured by `chimle bench speed`, see chimle/benchmark.py): inference mode; weight-norm
+Fast paths (measured by `chimle bench speed`, see chimle/apps/bench_speed.py): inference mode; weight-norm
 weights computed once per search (parametrize.cached); on CUDA bf16 autocast, channels-last
 activations and cuDNN autotuning; no host-device synchronisation inside the chunk loop (slices, not
 index tensors, and no .item()); `compile=True` runs each level through torch.compile (off by
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,22 +36,49 @@ from torch.nn.utils import parametrize
 
 from . import latent
 from .latent import Codes
-from .model import LevelState, TowerModel, downsample
+from .loss import Distance, ToRGB
+from .memory import chunk_rows, default_budget, parse_bytes
+from .model import LevelState, TowerModel
+from .resample import resize
 
-__all__ = ["hierarchical", "flat", "ablation", "ABLATIONS", "chunk_rows", "bytes_per_row", "parse_bytes"]
+__all__ = [
+    "hierarchical",
+    "flat",
+    "ablation",
+    "reference_hierarchical",
+    "draw",
+    "replay",
+    "Scorer",
+    "ABLATIONS",
+    "ABLATION_SWITCHES",
+    "Distance",
+    "ToRGB",
+]
 
-Distance = Callable[[Tensor, Tensor], Tensor]
-ToRGB = Callable[[Tensor, Tensor], Tensor]  # (level output, level input) -> RGB image in [0, 1]
 
-
-def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, samples_per_level: Sequence[int],
-                 generator: torch.Generator | None = None, *, iterative: bool = True, partial: bool = True,
-                 to_rgb: ToRGB | None = None, memory_budget: int | str | None = None, compile: bool = False,
-                 on_level: Callable[[int, Tensor], None] | None = None) -> tuple[Codes, Tensor]:
+def hierarchical(
+    model: TowerModel,
+    x: Tensor,
+    y: Tensor,
+    distance: Distance,
+    samples_per_level: Sequence[int],
+    generator: torch.Generator | None = None,
+    *,
+    iterative: bool = True,
+    partial: bool = True,
+    to_rgb: ToRGB | None = None,
+    memory_budget: int | str | None = None,
+    compile: bool = False,
+    on_level: Callable[[int, Tensor], None] | None = None,
+    picks: list[Tensor] | None = None,
+) -> tuple[Codes, Tensor]:
     """CHIMLE latent search, Algorithm 1 of the CHIMLE paper, for a batch of inputs.
 
     for l = 1..L:  draw m_l candidates z_l^(j);  y~_l^(j) = l-th output of f(x, (z*_1..z*_{l-1}, z_l^(j)));
                    z*_l = argmin_j d(y_l, y~_l^(j))
+
+    `reference_hierarchical` is the same loop written plainly; this one runs it in memory-bounded
+    chunks of candidates, each level on top of the cached state of the chosen prefix.
 
     The switches give the ablations of the paper's Fig. 7:
       iterative=False  "no IC" (no iterative combination): component l is judged with fresh random
@@ -63,119 +90,190 @@ def hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, sa
       (no CD, no code division, is `flat`: whole codes, one selection; see `ablation`.)
 
     `compile` runs the levels through torch.compile; `on_level(l, d)` is called after level l's
-    selection with its candidates' distances d (N, m_l) (the benchmark times the levels with it).
+    selection with its candidates' distances d (N, m_l) (the benchmark times the levels with it);
+    `picks`, if given, receives the winning candidate index j of each level, (N,) per level: with the
+    generator's seed they reproduce the codes (`replay`), which is what a training checkpoint stores.
 
     Returns the chosen codes (one component per level, batch N) and d(y_L, y~_L) of those codes, (N,).
     """
     if len(samples_per_level) != model.cfg.levels:
-        raise ValueError(f"samples_per_level needs one count per level ({model.cfg.levels}), got {list(samples_per_level)}")
-    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget, compile)
-    layout, n, levels = ev.layout, x.shape[0], model.cfg.levels
+        raise ValueError(
+            f"samples_per_level needs one count per level ({model.cfg.levels}), got {list(samples_per_level)}"
+        )
+    sc = Scorer(model, x, y, distance, to_rgb, memory_budget, compile)
+    n = x.shape[0]
     chosen: Codes = []
-    prefix = ev.initial  # state after z*_1..z*_{l-1}
-    with ev.context():
+    prefix = sc.initial  # state after z*_1..z*_{l-1}
+    with sc.context():
         for l, m in enumerate(samples_per_level, 1):
-            z_l = layout.sample_level(l, n * m, generator, ev.device)
-            if iterative:
-                start, state, comps = l, prefix, [z_l]
-            else:
-                start, state, comps = 1, ev.initial, layout.sample(n * m, generator, ev.device, levels=l - 1) + [z_l]
-            if not partial:
-                comps += [layout.sample_level(k, n * m, generator, ev.device) for k in range(l + 1, levels + 1)]
-            d = ev.score(state, start, comps, m)  # (N, m)
+            earlier, z_l, later = draw(sc.layout, l, n * m, generator, sc.device, iterative, partial)
+            start, state = (l, prefix) if iterative else (1, sc.initial)
+            d = sc.score(state, start, earlier + [z_l] + later, m)  # (N, m)
             best = d.argmin(1)
-            chosen.append(latent.index([z_l], torch.arange(n, device=ev.device) * m + best)[0])
+            chosen.append(latent.index([z_l], torch.arange(n, device=sc.device) * m + best)[0])
+            if picks is not None:
+                picks.append(best)
             if iterative:
-                prefix = ev.step(l, prefix, ev.fmt(chosen[-1]))
+                prefix = sc.step(l, prefix, sc.fmt(chosen[-1]))
             if on_level is not None:
                 on_level(l, d)
         if iterative and partial:
             dists = d.gather(1, best[:, None])[:, 0]
         else:
-            dists = ev.score(ev.initial, 1, chosen, 1)[:, 0]
+            dists = sc.score(sc.initial, 1, chosen, 1)[:, 0]
     return _detach(chosen), dists.float().clone()
 
 
-def flat(model: TowerModel, x: Tensor, y: Tensor, distance: Distance, num_samples: int,
-         generator: torch.Generator | None = None, *, to_rgb: ToRGB | None = None,
-         memory_budget: int | str | None = None, zero: bool = False, compile: bool = False) -> tuple[Codes, Tensor]:
+def draw(
+    layout: latent.LatentLayout,
+    level: int,
+    rows: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None = None,
+    iterative: bool = True,
+    partial: bool = True,
+) -> tuple[Codes, latent.Component, Codes]:
+    """The random draws of one level of Algorithm 1, in the order every search makes them:
+    (fresh z_1..z_{l-1} for "no IC", else []), the candidates z_l, (fresh z_{l+1}..z_L for "no PE", else [])."""
+    z_l = layout.sample_level(level, rows, generator, device)
+    earlier = [] if iterative else layout.sample(rows, generator, device, levels=level - 1)
+    later = (
+        []
+        if partial
+        else [layout.sample_level(k, rows, generator, device) for k in range(level + 1, layout.levels + 1)]
+    )
+    return earlier, z_l, later
+
+
+def replay(
+    layout: latent.LatentLayout,
+    samples_per_level: Sequence[int],
+    picks: Tensor,
+    generator: torch.Generator | None,
+    *,
+    iterative: bool = True,
+    partial: bool = True,
+    flat: bool = False,
+) -> Codes:
+    """The codes a search chose, rebuilt from its generator (seeded as it was) and its winners:
+    picks (N, L) for `hierarchical` (the j of every level), (N,) for `flat` (flat=True, with
+    samples_per_level=[num_samples]). Draws exactly what the search drew, so the result is bit-equal."""
+    picks = torch.as_tensor(picks, dtype=torch.long).cpu()
+    n = picks.shape[0]
+    if flat:
+        m = samples_per_level[0]
+        return latent.index(layout.sample(n * m, generator), torch.arange(n) * m + picks.view(n))
+    out = []
+    for l, m in enumerate(samples_per_level, 1):
+        _, z_l, _ = draw(layout, l, n * m, generator, None, iterative, partial)
+        out.append(latent.index([z_l], torch.arange(n) * m + picks[:, l - 1])[0])
+    return out
+
+
+@torch.no_grad()
+def reference_hierarchical(
+    model: TowerModel,
+    x: Tensor,
+    y: Tensor,
+    distance: Distance,
+    samples_per_level: Sequence[int],
+    generator: torch.Generator | None = None,
+    *,
+    iterative: bool = True,
+    partial: bool = True,
+    to_rgb: ToRGB | None = None,
+) -> tuple[Codes, Tensor]:
+    """Algorithm 1 of the CHIMLE paper written plainly: the yardstick of `hierarchical` in the tests
+    and the speed benchmark. Same draws, same returns; one full forward (levels 1..l, or 1..L
+    without partial evaluation) per candidate and input, the distance recomputed every time,
+    float32, no chunking, no caching.
+
+        for l = 1..L:  for each input i, candidate j:
+                           d_ij = d(y_i at level l, l-th output of f(x_i, (z*_1..z*_{l-1}, z_l^(j))))
+                       z*_l = z_l^(argmin_j d_ij)
+    """
+    layout, n, L = model.latent_layout(x.shape[-2:]), x.shape[0], model.cfg.levels
+    sizes = model.cfg.output_sizes(*x.shape[-2:])
+    one = lambda codes, r: [latent.Component(c.style[r : r + 1], c.noise[r : r + 1]) for c in codes]  # noqa: E731
+    chosen: Codes = []
+    for l, m in enumerate(samples_per_level, 1):
+        earlier, z_l, later = draw(layout, l, n * m, generator, model.device, iterative, partial)
+        judged = l if partial else L
+        best = []
+        for i in range(n):
+            ds = []
+            for j in range(m):
+                r = i * m + j
+                code = (one(chosen, i) if iterative else one(earlier, r)) + one([z_l], r) + one(later, r)
+                out = model(x[i : i + 1], code)[-1]
+                if to_rgb is not None:
+                    out = to_rgb(out, x[i : i + 1])
+                ds.append(distance(out.float(), resize(y[i : i + 1], sizes[judged - 1])))
+            best.append(i * m + int(torch.cat(ds).argmin()))
+        chosen.append(latent.index([z_l], best)[0])
+    out = model(x, chosen)[-1]
+    return chosen, distance((out if to_rgb is None else to_rgb(out, x)).float(), y)
+
+
+def flat(
+    model: TowerModel,
+    x: Tensor,
+    y: Tensor,
+    distance: Distance,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    *,
+    to_rgb: ToRGB | None = None,
+    memory_budget: int | str | None = None,
+    zero: bool = False,
+    compile: bool = False,
+    picks: list[Tensor] | None = None,
+) -> tuple[Codes, Tensor]:
     """cIMLE selection (Eq. 1 of the CHIMLE paper, Sect. 3.5 of the cIMLE paper):
     z* = argmin_j d(f(x, z_j), y) over m whole codes.
 
     `zero=True` returns the all-zero code (cIMLE's pretraining stage with z = 0) and its distance.
+    `picks`, if given, receives the winners j, (N,) (see `hierarchical`).
     """
-    ev = _Evaluator(model, x, y, distance, to_rgb, memory_budget, compile)
+    sc = Scorer(model, x, y, distance, to_rgb, memory_budget, compile)
     n = x.shape[0]
-    with ev.context():
+    with sc.context():
         if zero:
-            codes = ev.layout.zeros(n, ev.device)
-            return codes, ev.score(ev.initial, 1, codes, 1)[:, 0].float().clone()
-        codes = ev.layout.sample(n * num_samples, generator, ev.device)
-        d = ev.score(ev.initial, 1, codes, num_samples)
+            codes = sc.layout.zeros(n, sc.device)
+            return codes, sc.score(sc.initial, 1, codes, 1)[:, 0].float().clone()
+        codes = sc.layout.sample(n * num_samples, generator, sc.device)
+        d = sc.score(sc.initial, 1, codes, num_samples)
         best = d.argmin(1)
-        chosen = latent.index(codes, torch.arange(n, device=ev.device) * num_samples + best)
+        if picks is not None:
+            picks.append(best)
+        chosen = latent.index(codes, torch.arange(n, device=sc.device) * num_samples + best)
     return _detach(chosen), d.gather(1, best[:, None])[:, 0].float().clone()
 
 
-# The ablation ladder of CHIMLE Fig. 7, each a strict removal from the previous one.
+# The ablation ladder of CHIMLE Fig. 7, each a strict removal from the previous one; the switches
+# (iterative combination, partial evaluation) of `hierarchical` for the rungs that keep code division.
 ABLATIONS = ("full", "no_ic", "no_ic_pe", "no_ic_pe_cd")
+ABLATION_SWITCHES = {"full": (True, True), "no_ic": (False, True), "no_ic_pe": (False, False)}
 
 
-def ablation(name: str, model: TowerModel, x: Tensor, y: Tensor, distance: Distance, samples_per_level: Sequence[int],
-             generator: torch.Generator | None = None, **kw) -> tuple[Codes, Tensor]:
+def ablation(
+    name: str,
+    model: TowerModel,
+    x: Tensor,
+    y: Tensor,
+    distance: Distance,
+    samples_per_level: Sequence[int],
+    generator: torch.Generator | None = None,
+    **kw,
+) -> tuple[Codes, Tensor]:
     """Search with one rung of the ablation ladder. "no_ic_pe_cd" is cIMLE with m = sum(m_l), the
     same number of generated samples as the hierarchical search draws."""
     if name == "no_ic_pe_cd":
         return flat(model, x, y, distance, sum(samples_per_level), generator, **kw)
-    flags = {"full": (True, True), "no_ic": (False, True), "no_ic_pe": (False, False)}
-    if name not in flags:
+    if name not in ABLATION_SWITCHES:
         raise ValueError(f"unknown ablation {name!r}; choose from {ABLATIONS}")
-    iterative, partial = flags[name]
+    iterative, partial = ABLATION_SWITCHES[name]
     return hierarchical(model, x, y, distance, samples_per_level, generator, iterative=iterative, partial=partial, **kw)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_bytes(budget: int | str) -> int:
-    """'512MB', '4GiB', '2G' or an int -> bytes."""
-    if isinstance(budget, (int, float)):
-        return int(budget)
-    s = budget.strip().upper().replace("IB", "B")
-    for unit, mult in (("TB", 2 ** 40), ("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10), ("T", 2 ** 40),
-                       ("G", 2 ** 30), ("M", 2 ** 20), ("K", 2 ** 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(float(s))
-
-
-def default_budget(device: torch.device) -> int:
-    """Half the free GPU memory, or 2 GiB on the CPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return 2 * 2 ** 30
-
-
-def bytes_per_row(model: TowerModel, levels: range, input_hw: tuple[int, int]) -> int:
-    """Estimated peak bytes per candidate (or image) when running `levels` and the distance under no_grad.
-
-    Under no_grad only a few activations live at once; the widest is a dense block's concatenation
-    (nf + 4 gc channels). The factor 6 covers it, its neighbours and the distance network's features.
-    """
-    cfg, per_row = model.cfg, 0
-    elem = 2 if model.device.type == "cuda" else 4
-    outs = cfg.output_sizes(*input_hw)
-    for l in levels:
-        h, w = outs[l - 1]
-        nf, gc = cfg.channels[l - 1], cfg.growth[l - 1]
-        per_row = max(per_row, elem * h * w * (6 * (nf + 4 * gc) + 2 * 64 * 3))
-    return max(per_row, 1)
-
-
-def chunk_rows(model: TowerModel, levels: range, input_hw: tuple[int, int], budget: int) -> int:
-    """How many candidates fit in `budget` bytes when running `levels` and the distance on them (>= 1)."""
-    return max(1, budget // bytes_per_row(model, levels, input_hw))
 
 
 def _detach(codes: Codes) -> Codes:
@@ -183,7 +281,7 @@ def _detach(codes: Codes) -> Codes:
     return [latent.Component(c.style.clone(), c.noise.clone()) for c in codes]
 
 
-_COMPILED: "weakref.WeakKeyDictionary[TowerModel, Callable]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[TowerModel, Callable] = weakref.WeakKeyDictionary()
 
 
 def compiled_step(model: TowerModel) -> Callable[..., LevelState]:
@@ -200,11 +298,21 @@ def compiled_step(model: TowerModel) -> Callable[..., LevelState]:
     return _COMPILED[model]
 
 
-class _Evaluator:
-    """Runs candidate codes through some levels and measures them, in memory-bounded chunks."""
+class Scorer:
+    """Runs candidate codes through some levels and measures them against the targets, in memory-bounded
+    chunks: the engine of every search (and of `chimle.evaluation.efficiency`). Use its methods inside
+    `with scorer.context():` (inference mode, cached weight norm, bf16 on CUDA)."""
 
-    def __init__(self, model: TowerModel, x: Tensor, y: Tensor, distance: Distance, to_rgb: ToRGB | None,
-                 memory_budget: int | str | None, compile: bool = False):
+    def __init__(
+        self,
+        model: TowerModel,
+        x: Tensor,
+        y: Tensor,
+        distance: Distance,
+        to_rgb: ToRGB | None,
+        memory_budget: int | str | None,
+        compile: bool = False,
+    ):
         self.model, self.distance, self.to_rgb = model, distance, to_rgb
         self.device = model.device
         self.cuda = self.device.type == "cuda"
@@ -251,14 +359,14 @@ class _Evaluator:
     def _target(self, level: int):
         """The level's target (or its distance features), computed once and reused for every chunk."""
         if level not in self._targets:
-            t = downsample(self.y, self.model.cfg.output_sizes(*self.input_hw)[level - 1])
+            t = resize(self.y, self.model.cfg.output_sizes(*self.input_hw)[level - 1])
             self._targets[level] = self.distance.features(self.fmt(t)) if hasattr(self.distance, "features") else t
         return self._targets[level]
 
     def _measure(self, state: LevelState, level: int, rows: Tensor) -> Tensor:
         out = state.output
-        if self.to_rgb is not None:
-            out = self.to_rgb(out, state.inputs[level - 1] if self.model.cfg.layout == "same" else None)
+        if self.to_rgb is not None:  # state.inputs[-1] is these rows' input at full resolution
+            out = self.to_rgb(out, state.inputs[-1])
         target = self._target(level)
         if hasattr(self.distance, "features"):
             feats = [f.index_select(0, rows) for f in target]

@@ -1,13 +1,21 @@
-"""cIMLE pieces (chimle.cimle): the paper's distances, the noise encoder and the rebalancing."""
+"""cIMLE pieces: the paper's distances (chimle.distances.vgg), the noise encoder (chimle.model) and the
+rebalancing (chimle.data.layouts)."""
 
 import pytest
 import torch
 
 from chimle import latent
-from chimle.cimle import (CategoryColours, NoiseEncoder, PixelVGGDistance, VGGFeatureL1Distance, category_mean_colours,
-                          loss_weight_map, rarity_weights, sample_pool, sampling_weights, top_categories,
-                          vgg_layer_names)
-from chimle.model import TowerConfig, TowerModel
+from chimle.data.layouts import (
+    CategoryColours,
+    category_mean_colours,
+    loss_weight_map,
+    rarity_weights,
+    sample_pool,
+    sampling_weights,
+    top_categories,
+)
+from chimle.distances.vgg import PixelVGGDistance, VGGFeatureL1Distance, vgg_layer_names
+from chimle.model import NoiseEncoder, TowerConfig, TowerModel
 from chimle.search import flat
 
 
@@ -27,7 +35,7 @@ def rand(*shape, seed=0):
 
 @pytest.fixture(scope="module")
 def backbone():
-    from chimle.distance import LPIPS
+    from chimle.distances.lpips import LPIPS
 
     return LPIPS("vgg").net
 
@@ -52,7 +60,7 @@ def test_distance_properties(dist):
         assert d_ab.shape == (3,) and (d_ab > 0).all()
         torch.testing.assert_close(d_ab, d_ba)
         assert torch.equal(d_aa, torch.zeros(3))
-        one_by_one = torch.cat([dist(a[i:i + 1], b[i:i + 1]) for i in range(3)])
+        one_by_one = torch.cat([dist(a[i : i + 1], b[i : i + 1]) for i in range(3)])
         torch.testing.assert_close(d_ab, one_by_one, rtol=1e-5, atol=1e-6)
         # the chimle.search contract: target features once, rows selected, candidates measured against them
         ft = dist.features(b)
@@ -60,8 +68,9 @@ def test_distance_properties(dist):
         via = dist.distance_from_features(dist.features(a[[2, 0]]), [f.index_select(0, rows) for f in ft])
         torch.testing.assert_close(via, d_ab[[2, 0]], rtol=1e-5, atol=1e-6)
         # a single target broadcasts against many candidates
-        torch.testing.assert_close(dist(a, b[:1]), torch.cat([dist(a[i:i + 1], b[:1]) for i in range(3)]),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            dist(a, b[:1]), torch.cat([dist(a[i : i + 1], b[:1]) for i in range(3)]), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_gradients_reach_inputs(dist):
@@ -83,7 +92,7 @@ def test_pixel_term_is_l2(backbone):
     by_hand = ((a - b) ** 2).flatten(1).sum(1).sqrt() / (3 * 16 * 16) ** 0.5
     torch.testing.assert_close(PixelVGGDistance(2.0, 0.0, backbone=backbone)(a, b), 2 * by_hand)
     squared = PixelVGGDistance(1.0, 0.0, squared=True, backbone=backbone)(a, b)
-    torch.testing.assert_close(squared, by_hand ** 2)
+    torch.testing.assert_close(squared, by_hand**2)
 
 
 def test_mask_weights_the_differences(backbone):
@@ -116,7 +125,7 @@ def test_flat_search_with_pixel_vgg_is_true_argmin(backbone):
     with torch.no_grad():
         for i in range(2):
             rows = range(i * m, i * m + m)
-            ds = torch.stack([d(model(x[i:i + 1], latent.index(cands, [r]))[-1], y[i:i + 1])[0] for r in rows])
+            ds = torch.stack([d(model(x[i : i + 1], latent.index(cands, [r]))[-1], y[i : i + 1])[0] for r in rows])
             j = int(ds.argmin())
             assert torch.equal(codes[0].style[i], cands[0].style[i * m + j])
             assert torch.equal(codes[-1].noise[i], cands[-1].noise[i * m + j])
@@ -126,7 +135,10 @@ def test_flat_search_with_pixel_vgg_is_true_argmin(backbone):
 def test_noise_encoder():
     enc = NoiseEncoder(seg_channels=5)
     seg = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 8, 12)), 5).permute(0, 3, 1, 2).float()
-    g = lambda s: torch.Generator().manual_seed(s)
+
+    def g(s):
+        return torch.Generator().manual_seed(s)
+
     z1, z2 = enc(seg, generator=g(0)), enc(seg, generator=g(1))
     assert z1.shape == (2, 10, 8, 12)
     assert torch.equal(z1, enc(seg, generator=g(0)))

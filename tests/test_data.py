@@ -11,13 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from chimle.data import (
-    TASKS, ImageDataset, compose_lab, downsample, lab_to_rgb, level_inputs, level_targets,
-    make_task, pyramid, quantize8, rgb_to_ab01, rgb_to_l01, rgb_to_lab,
+from chimle.data import TASKS, ImageDataset, make_task
+from chimle.data.imageio import (
+    ImageError,
+    builtin_photo_dir,
+    builtin_photos,
+    list_images,
+    load_image,
+    save_image,
+    to_uint8,
 )
-from chimle.imageio import (
-    ImageError, builtin_photo_dir, builtin_photos, list_images, load_image, save_image, to_uint8,
-)
+from chimle.data.tasks import compose_lab, lab_to_rgb, rgb_to_ab01, rgb_to_l01, rgb_to_lab
+from chimle.model import TowerConfig, TowerModel
+from chimle.resample import downsample, quantize8, resize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
 
 def in_unit_range(x: torch.Tensor) -> bool:
@@ -86,8 +94,18 @@ def test_colorize_pairs(photo_dir):
     assert inp.shape == (len(ds), 1, 64, 64) and in_unit_range(inp)
     ab = rgb_to_ab01(batch)
     assert ab.shape == (len(ds), 2, 64, 64) and in_unit_range(ab)
-    rgb = task.to_rgb(ab, inp)  # the true chroma must give back the photo
+    rgb = task.rgb(ab, inp)  # the true chroma must give back the photo
     assert in_unit_range(rgb) and torch.allclose(rgb, batch, atol=1e-4)
+    # a coarser level's output is composed with the input resized to it (Task.rgb resizes x itself)
+    small = task.rgb(resize(ab, (16, 16)), inp)
+    assert small.shape == (len(ds), 3, 16, 16)
+    torch.testing.assert_close(small, compose_lab(resize(inp, (16, 16)), resize(ab, (16, 16))))
+    assert (small - resize(batch, (16, 16))).abs().mean() < 0.02  # still close to the photo at 16 px
+    # RGB tasks pass outputs through; grey outputs are replicated
+    out = torch.rand(2, 3, 8, 8)
+    assert make_task("jpeg").rgb(out, out) is out
+    grey = make_task("paired", in_channels=1, out_channels=1).rgb(out[:, :1], out[:, :1])
+    assert grey.shape == (2, 3, 8, 8) and torch.equal(grey[:, 2], out[:, 0])
 
 
 def test_jpeg_q1(photo_dir):
@@ -203,28 +221,21 @@ def test_lab_batched_and_differentiable(photos):
 # resampling
 
 
-def test_pyramid_sizes():
-    img = torch.rand(3, 96, 64)
-    p = pyramid(img, 4)
-    assert [t.shape[-2:] for t in p] == [(12, 8), (24, 16), (48, 32), (96, 64)]
-    assert p[-1] is img and all(in_unit_range(t) for t in p)
-    with pytest.raises(ValueError, match="divisible by 8"):
-        pyramid(torch.rand(3, 100, 64), 4)
-
-
-def test_level_pyramids_are_per_image_downsampling(photos):
+def test_input_pyramid_is_per_image_downsampling(photos):
+    """The "same" layout feeds level l the input resized to it: per image, the resampling of chimle.resample."""
     batch = torch.stack([p[:, :64, :64] for p in photos])
-    ys = level_targets(batch, 3, "same")
-    for level, t in enumerate(ys):
+    model = TowerModel(TowerConfig.preset("tiny", layout="same"))
+    inputs = model.initial_state(batch).inputs
+    assert [t.shape[-1] for t in inputs] == [16, 32, 64] and inputs[-1] is batch
+    for level, t in enumerate(inputs[:-1]):
         f = 2 ** (2 - level)
-        assert t.shape == (len(photos), 3, 64 // f, 64 // f)
         for i, p in enumerate(batch):
-            assert torch.allclose(t[i], p if f == 1 else downsample(p, f), atol=1e-6)
-    assert [t.shape[-1] for t in level_inputs(batch, 3, "same")] == [16, 32, 64]
+            assert torch.allclose(t[i], downsample(p, f), atol=1e-6)
     lr = batch[:, :, :8, :8]
-    assert all(t is lr for t in level_inputs(lr, 3, "upscale"))
-    with pytest.raises(ValueError, match="layout"):
-        level_inputs(lr, 3, "sideways")
+    assert model.initial_state(lr).inputs[0].shape[-1] == 2
+    assert TowerModel(TowerConfig.preset("tiny", layout="upscale")).initial_state(lr).inputs == [lr]
+    with pytest.raises(ValueError, match="divisible by 2\\^\\(levels-1\\) = 4"):
+        model.initial_state(batch[:, :, :30, :30])
 
 
 def test_eight_bit_rounding_not_truncation(tmp_path):
@@ -253,14 +264,16 @@ def test_eval_crops_deterministic(photo_dir):
         assert ia["name"] == ib["name"] and ia["index"] == i
     img = load_image(a.paths[0])
     h, w = img.shape[-2:]
-    assert torch.equal(a[0]["target"], img[:, (h - 64) // 2:(h - 64) // 2 + 64, (w - 64) // 2:(w - 64) // 2 + 64])
+    assert torch.equal(a[0]["target"], img[:, (h - 64) // 2 : (h - 64) // 2 + 64, (w - 64) // 2 : (w - 64) // 2 + 64])
 
 
 def test_train_crops_vary_but_reproduce(photo_dir):
     def crops(seed, epoch):
         ds = ImageDataset(photo_dir, "night", crop=64, train=True, seed=seed)
         ds.set_epoch(epoch)
-        return torch.stack([ds[i]["target"] for i in range(len(ds))]), torch.stack([ds[i]["input"] for i in range(len(ds))])
+        return torch.stack([ds[i]["target"] for i in range(len(ds))]), torch.stack(
+            [ds[i]["input"] for i in range(len(ds))]
+        )
 
     t0, x0 = crops(0, 0)
     t0b, x0b = crops(0, 0)

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import chimle.distance as dist
-from chimle.distance import LPIPS, find_weights, multiscale_lpips
+import chimle.distances.lpips as dist
+from chimle.distances.lpips import LPIPS, find_weights
+from chimle.loss import level_losses
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
 ASSETS = Path(os.environ.get("CHIMLE_TEST_ASSETS", Path.home() / ".cache/chimle/test-assets"))
 # LPIPS-alex v0.1 of ResultsCalibra ref_dir vs dist_dir, as published by pyiqa / the lpips package
@@ -29,7 +32,9 @@ def pairs():
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
     from PIL import Image
 
-    load = lambda p: torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    def load(p):
+        return torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
     return {k: (load(root / "ref_dir" / f"{k}.bmp"), load(root / "dist_dir" / f"{k}.bmp")) for k in CALIBRATION}
 
 
@@ -100,11 +105,15 @@ def test_input_checks(alex):
 
 
 @torch.no_grad()
-def test_multiscale_and_maps(alex):
+def test_level_losses_and_maps(alex):
+    """The intermediate-supervision loss: one LPIPS per level against the target resized to it."""
     outs = [rand(2, 3, s, s, seed=s) for s in (32, 64)]
-    tgts = [rand(2, 3, s, s, seed=s + 1) for s in (32, 64)]
-    torch.testing.assert_close(multiscale_lpips(alex, outs, tgts), alex(outs[0], tgts[0]) + alex(outs[1], tgts[1]))
-    maps = LPIPS("alex", spatial_average=False)(outs[1], tgts[1])
+    y = rand(2, 3, 64, 64, seed=7)
+    small = torch.nn.functional.interpolate(y, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+    losses = level_losses(outs, y, y, alex)
+    torch.testing.assert_close(losses, torch.stack([alex(outs[0], small), alex(outs[1], y)], 1))
+    assert losses.shape == (2, 2) and float(losses.min()) > 0.05  # random images are far apart
+    maps = LPIPS("alex", spatial_average=False)(outs[1], y)
     assert maps.shape == (2, 1, 64, 64) and (maps >= 0).all()
 
 
@@ -167,7 +176,8 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 def test_small_images_are_upsampled_not_rejected():
-    from chimle.distance import LPIPS
+    from chimle.distances.lpips import LPIPS
+
     d = LPIPS("alex")
     a, b = torch.rand(2, 3, 16, 12), torch.rand(2, 3, 16, 12)
     v = d(a, b)

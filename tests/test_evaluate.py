@@ -11,21 +11,32 @@ import numpy as np
 import pytest
 import torch
 
-from chimle import evaluate as ev
 from chimle import latent, search
-from chimle.checkpoint import load_with_task
-from chimle.cli import main
+from chimle.apps.cli import main
 from chimle.data import ImageDataset, make_task
-from chimle.distance import LPIPS
-from chimle.imageio import list_images, load_image
-from chimle.model import downsample
-from chimle.sample import generate
+from chimle.data.imageio import list_images, load_image
+from chimle.distances.lpips import LPIPS
+from chimle.evaluation import efficiency
+from chimle.evaluation import evaluate as ev
+from chimle.inference.sample import generate
+from chimle.inference.weights import load_with_task
+from chimle.resample import resize as downsample
+from chimle.rng import seeded
 from chimle.search import ABLATIONS
-from chimle.train import seeded
 
 TINY = ["--preset", "tiny", "--task", "sr", "--scale", "4", "--crop", "16"]
-TINY_SET = ["--set", "train.pool_size=2", "--set", "search.samples_per_level=[2,2]", "--set", "search.distance=alex",
-            "--set", "train.batch_size=2", "--set", "train.sample_every=0"]
+TINY_SET = [
+    "--set",
+    "train.pool_size=2",
+    "--set",
+    "search.samples_per_level=[2,2]",
+    "--set",
+    "search.distance=alex",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.sample_every=0",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,8 +46,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ckpt(tmp_path_factory, photo_dir):
     """A briefly trained tiny 4x SR tower (2 levels), as a training checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--data", str(photo_dir), "--out", str(out), "--steps", "4", "--device", "cpu",
-                 *TINY, *TINY_SET]) == 0
+    assert (
+        main(
+            ["train", "--data", str(photo_dir), "--out", str(out), "--steps", "4", "--device", "cpu", *TINY, *TINY_SET]
+        )
+        == 0
+    )
     return out / "checkpoints" / "last.pt"
 
 
@@ -69,8 +84,8 @@ def test_evaluate_writes_every_metric(ckpt, held_out, tmp_path):
     # FwV: the weights exp(-d / (2 sigma^2)) grow with sigma, and stay below 1 (FwV < mean distance to the mean)
     assert 0 <= r["fwv_0.15"] <= r["fwv_0.2"] <= r["fwv_0.3"] < 1
     assert 0 < r["lpips_diversity"] < 1  # different samples of one input
-    assert 0 < r["lpips_to_target_best_of_k"] <= r["lpips_to_target_mean"] < 1
-    assert 0 <= r["prd_f8"] <= 1 and 0 <= r["prd_f1_8"] <= 1
+    # samples differ, so the best of K is nearer the target than the average sample
+    assert 0 < r["lpips_to_target_best_of_k"] < 0.99 * r["lpips_to_target_mean"] < 1
     assert r["ivo_mean"] > 0 and r["ivo_std"] >= 0 and (r["ivo_runs"], r["ivo_steps"], r["ivo_images"]) == (2, 15, 3)
     # IvO is an MSE x 1e3 after optimising the code: below the MSE x 1e3 of random samples
     ds = ImageDataset(held_out, task, crop=16, train=False)
@@ -93,7 +108,7 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
     x = torch.stack([ds[i]["input"] for i in range(len(ds))])
     y = torch.stack([ds[i]["target"] for i in range(len(ds))])
     d = LPIPS("alex")
-    r = ev.sample_efficiency(model, x, y, d, seeds=3, budgets=(1, 2, 4, 8), flat_max=48)
+    r = efficiency.sample_efficiency(model, x, y, d, seeds=3, budgets=(1, 2, 4, 8), flat_max=48)
     rows, levels = r["rows"], model.cfg.levels
     print(rows)
     assert [row["per_level_m"] for row in rows] == [1, 2, 4, 8]
@@ -111,11 +126,13 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
         else:
             assert n == "> 48" and curve[-1] > row["lpips_threshold"]
     # one seed at the largest budget is exactly search.hierarchical with that seed's generator
-    one = ev.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5)
+    one = efficiency.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5)
     _, dists = search.hierarchical(model, x, y, d, [8] * levels, seeded(5, 0, 0, device=model.device))
     assert one["rows"][-1]["lpips_threshold"] == pytest.approx(float(dists.double().mean()), abs=1e-6)
-    assert ev.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5) == one  # deterministic
-    assert ev.plot_efficiency(r, tmp_path / "eff.png").stat().st_size > 1000
+    assert (
+        efficiency.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5) == one
+    )  # deterministic
+    assert efficiency.plot_efficiency(r, tmp_path / "eff.png").stat().st_size > 1000
     table = ev.write_markdown_table(rows, tmp_path / "eff.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| 1 | 2 | ")
 
@@ -125,7 +142,7 @@ def test_level_diagnostics_match_direct_forward(ckpt, held_out):
     ds = ImageDataset(held_out, make_task(**task_cfg), crop=16, train=False)
     x, y = (torch.stack([ds[i][k] for i in range(2)]) for k in ("input", "target"))
     d, draws = LPIPS("alex"), 5
-    diag = ev.level_diagnostics(model, x, y, d, draws=draws, seed=4)
+    diag = efficiency.level_diagnostics(model, x, y, d, draws=draws, seed=4)
     # the same codes by hand (the function's documented draw order), scored by plain forward passes
     layout, g = model.latent_layout(tuple(x.shape[-2:])), seeded(4, 2, device=model.device)
     base = latent.repeat(layout.sample(2, g), draws)
@@ -136,15 +153,40 @@ def test_level_diagnostics_match_direct_forward(ckpt, held_out):
             outs = model(xr, codes)
             final = d(outs[-1], yr).view(2, draws).double()
             part = d(outs[row["level"] - 1], downsample(yr, tuple(outs[row["level"] - 1].shape[-2:])))
-            corr = np.mean([np.corrcoef(f, p)[0, 1] for f, p in zip(final.numpy(), part.view(2, draws).double().numpy())])
+            corr = np.mean(
+                [np.corrcoef(f, p)[0, 1] for f, p in zip(final.numpy(), part.view(2, draws).double().numpy())]
+            )
             assert row["final_std"] == pytest.approx(final.std(1).mean().item(), rel=1e-4)
             assert row["partial_final_corr"] == pytest.approx(corr, abs=1e-4)
 
 
 def test_cli_eval(ckpt, held_out, tmp_path, capsys):
     out = tmp_path / "cli_eval"
-    assert main(["eval", str(ckpt), "--data", str(held_out), "--num", "2", "--out", str(out), "--crop", "16",
-                 "--max-images", "2", "--seed", "3", "--ivo-runs", "1", "--ivo-steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                str(held_out),
+                "--num",
+                "2",
+                "--out",
+                str(out),
+                "--crop",
+                "16",
+                "--max-images",
+                "2",
+                "--seed",
+                "3",
+                "--ivo-runs",
+                "1",
+                "--ivo-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     r = json.loads((out / "metrics.json").read_text())
     assert (r["images"], r["samples_per_input"], r["seed"], r["ivo_steps"]) == (2, 2, 3, 3)
@@ -157,8 +199,28 @@ def test_cli_eval(ckpt, held_out, tmp_path, capsys):
 
 def test_cli_bench_efficiency(ckpt, held_out, tmp_path):
     out = tmp_path / "eff"
-    assert main(["bench", "efficiency", str(ckpt), "--data", str(held_out), "--out", str(out), "--seeds", "2",
-                 "--images", "2", "--budgets", "1,4", "--flat-max", "24"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "efficiency",
+                str(ckpt),
+                "--data",
+                str(held_out),
+                "--out",
+                str(out),
+                "--seeds",
+                "2",
+                "--images",
+                "2",
+                "--budgets",
+                "1,4",
+                "--flat-max",
+                "24",
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "efficiency.json").read_text())
     assert (r["seeds"], r["images"], r["budgets"], r["flat_max"], r["levels"]) == (2, 2, [1, 4], 24, 2)
     assert [row["chimle_samples"] for row in r["rows"]] == [2, 8]
@@ -171,15 +233,42 @@ def test_cli_bench_efficiency(ckpt, held_out, tmp_path):
     diag = r["level_diagnostics"]
     assert [row["level"] for row in diag] == [1, 2]
     assert diag[-1]["partial_final_corr"] == pytest.approx(1.0, abs=1e-6)
-    assert -1 <= diag[0]["partial_final_corr"] <= 1 and all(row["final_std"] > 0 for row in diag)
+    assert all(row["final_std"] > 1e-4 for row in diag)
     assert (out / "levels.md").read_text().startswith("| level | final_std | partial_final_corr |")
 
 
 def test_cli_bench_ablation(held_out, tmp_path):
     out = tmp_path / "abl"  # trains on the held-out photos too: this checks the plumbing, not generalisation
-    assert main(["bench", "ablation", "--data", str(held_out), "--held-out", str(held_out), "--out", str(out),
-                 "--steps", "2", "--preset", "tiny", "--task", "sr", "--scale", "4", "--crop", "16", "--samples", "2",
-                 "--crops-per-image", "1", *TINY_SET]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "ablation",
+                "--data",
+                str(held_out),
+                "--held-out",
+                str(held_out),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--preset",
+                "tiny",
+                "--task",
+                "sr",
+                "--scale",
+                "4",
+                "--crop",
+                "16",
+                "--samples",
+                "2",
+                "--crops-per-image",
+                "1",
+                *TINY_SET,
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "ablation.json").read_text())
     assert [row["ablation"] for row in rows] == list(ABLATIONS)
     for row in rows:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from chimle import inception, metrics
+from chimle.evaluation import inception, metrics
 from chimle.model import TowerConfig, TowerModel
 
 ASSETS = Path(os.environ.get("CHIMLE_TEST_ASSETS", Path.home() / ".cache/chimle/test-assets"))
@@ -46,7 +46,7 @@ def doctest():
     assert d["real"].shape == d["fake"].shape == (100, 3, 299, 299) and d["real"].dtype == torch.uint8
     feats = {}
     for key in ("real", "fake"):  # one pass for both sizes, in CPU-friendly batches of 10
-        parts = [inception.inception_features(net, d[key][i:i + 10], dims=(64, 2048)) for i in range(0, 100, 10)]
+        parts = [inception.inception_features(net, d[key][i : i + 10], dims=(64, 2048)) for i in range(0, 100, 10)]
         feats[key] = {dim: torch.cat([p[dim] for p in parts]).double().numpy() for dim in (64, 2048)}
     return feats, d["rng_state"]
 
@@ -97,8 +97,9 @@ def test_kid_matches_torchmetrics_doctest(doctest):
     assert std == pytest.approx(np.std(scores), rel=1e-7)
     # the per-subset path kid takes for large sets
     x, y = real[:50], fake[50:]
-    assert metrics.polynomial_mmd(x, y) == pytest.approx(_mmd_unbiased(_kernel(x, x), _kernel(y, y), _kernel(x, y)),
-                                                         rel=1e-9)
+    assert metrics.polynomial_mmd(x, y) == pytest.approx(
+        _mmd_unbiased(_kernel(x, x), _kernel(y, y), _kernel(x, y)), rel=1e-9
+    )
 
 
 def test_inception_accepts_floats_and_resizes():
@@ -136,8 +137,12 @@ def test_fid_warns_with_fewer_images_than_dims():
         value = metrics.fid(real, fake)
     # rank-deficient covariances take the exact low-rank path; scipy's sqrtm, written out, agrees
     s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    expected = (((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
-                - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+    expected = (
+        ((real.mean(0) - fake.mean(0)) ** 2).sum()
+        + np.trace(s1)
+        + np.trace(s2)
+        - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    )
     assert value == pytest.approx(expected, rel=1e-6)
     with pytest.warns(UserWarning, match="subset size reduced from 50 to 10"):
         metrics.kid(rng.normal(size=(10, 8)), rng.normal(size=(12, 8)))
@@ -162,7 +167,7 @@ def test_fwv_and_lpips_diversity_by_hand():
     targets = _const(0.2, 0.5)
     # means 0.4 and 0.5: d(sample, mean) = 0.2, 0.2 | 0.4, 0.4; d(sample, target) = 0, 0.4 | 0.4, 0.4
     for sigma in (0.3, 0.2, 0.15):
-        w = math.exp(-0.4 / (2 * sigma ** 2))
+        w = math.exp(-0.4 / (2 * sigma**2))
         expected = (0.2 * 1 + 0.2 * w + 0.4 * w + 0.4 * w) / 4
         assert metrics.fwv(samples, targets, sigma, distance=mad) == pytest.approx(expected, rel=1e-6)
     assert metrics.fwv(samples, targets, 0.2, distance=mad) == pytest.approx((0.2 + math.exp(-5)) / 4, rel=1e-6)
@@ -171,7 +176,8 @@ def test_fwv_and_lpips_diversity_by_hand():
     half[..., :2] = 1
     s2 = torch.stack([torch.zeros(1, 3, 4, 4), half])
     assert metrics.fwv(s2, torch.zeros(1, 3, 4, 4), 0.2, distance=mad) == pytest.approx(
-        (0.25 * 1 + 0.25 * math.exp(-0.5 / 0.08)) / 2, rel=1e-6)
+        (0.25 * 1 + 0.25 * math.exp(-0.5 / 0.08)) / 2, rel=1e-6
+    )
     # LPIPS diversity, K=3: pairs of input 0 (0.1, 0.4, 0.9) = 0.3, 0.8, 0.5; of input 1 (0, 0, 1) = 0, 1, 1
     samples3 = torch.stack([_const(0.1, 0.0), _const(0.4, 0.0), _const(0.9, 1.0)])
     assert metrics.lpips_diversity(samples3, distance=mad) == pytest.approx((1.6 / 3 + 2 / 3) / 2, rel=1e-6)
@@ -183,7 +189,7 @@ def test_fwv_and_lpips_diversity_by_hand():
 
 def test_fwv_and_diversity_with_default_lpips(photos):
     """The default distance is LPIPS-alex; its fast path (features once) equals plain LPIPS calls."""
-    from chimle.distance import LPIPS
+    from chimle.distances.lpips import LPIPS
 
     crops = torch.stack([p[:, 100:132, 100:132] for p in photos[:2]])  # N=2 real 32 px crops
     shifts = [crops, crops.flip(-1), crops.roll(5, -2), crops * 0.7]
@@ -195,7 +201,7 @@ def test_fwv_and_diversity_with_default_lpips(photos):
         to_mean = torch.stack([d(samples[k], mean) for k in range(3)]).double()
         to_target = torch.stack([d(samples[k], targets) for k in range(3)]).double()
         pairs = [d(samples[a], samples[b]).double() for a, b in ((0, 1), (0, 2), (1, 2))]
-    expected_fwv = float((torch.exp(-to_target / (2 * 0.2 ** 2)) * to_mean).mean())
+    expected_fwv = float((torch.exp(-to_target / (2 * 0.2**2)) * to_mean).mean())
     assert metrics.fwv(samples, targets, 0.2) == pytest.approx(expected_fwv, rel=1e-4)
     assert metrics.lpips_diversity(samples) == pytest.approx(float(torch.stack(pairs).mean()), rel=1e-4)
     assert metrics.lpips_diversity(torch.stack([crops, crops])) == pytest.approx(0, abs=1e-6)
@@ -204,7 +210,7 @@ def test_fwv_and_diversity_with_default_lpips(photos):
 def test_prd_extremes_and_mode_dropping():
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=10, size=(6, 8))
-    cloud = (centres[rng.integers(6, size=400)] + rng.normal(size=(400, 8)))
+    cloud = centres[rng.integers(6, size=400)] + rng.normal(size=(400, 8))
     f8, f1_8 = metrics.prd(cloud, cloud.copy(), num_clusters=10, num_runs=3)
     assert f8 == pytest.approx(1, abs=1e-6) and f1_8 == pytest.approx(1, abs=1e-6)
     f8, f1_8 = metrics.prd(cloud, cloud + 1000, num_clusters=10, num_runs=3)  # disjoint, far apart
@@ -223,8 +229,9 @@ def test_ivo_recovers_a_known_code():
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         y = model(x, model.sample_codes(2, g, input_hw=(16, 16)))[-1]  # a target the model can make exactly
-        random = np.mean([float((model(x, model.sample_codes(2, g, input_hw=(16, 16)))[-1] - y).pow(2).mean())
-                          for _ in range(8)])
+        random = np.mean(
+            [float((model(x, model.sample_codes(2, g, input_hw=(16, 16)))[-1] - y).pow(2).mean()) for _ in range(8)]
+        )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mean, std = metrics.ivo(model, x, y, runs=2, steps=60, lr=0.05, generator=torch.Generator().manual_seed(2))
     print(f"IvO MSE {mean:.2e} +- {std:.1e}; random codes {random:.2e}")

@@ -7,6 +7,8 @@ import chimle
 from chimle import latent
 from chimle.model import TowerConfig, TowerModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
+
 
 def tiny(layout="same", levels=3, **kw):
     torch.manual_seed(0)
@@ -31,7 +33,7 @@ def test_level_shapes_and_range(layout, levels):
         assert tuple(outs[-1].shape[-2:]) == (h, w)
         assert [s[0] for s in expect] == [h // 2 ** (levels - 1 - l) for l in range(levels)]
     else:
-        assert tuple(outs[-1].shape[-2:]) == (h * 2 ** levels, w * 2 ** levels)
+        assert tuple(outs[-1].shape[-2:]) == (h * 2**levels, w * 2**levels)
 
 
 def test_colourization_channels():
@@ -103,10 +105,10 @@ def test_init_reaches_weight_normalised_convs():
     conv = model.levels[0].conv_in
     w = conv.weight  # the effective weight g * v / ||v||
     fan_in = w[0].numel()
-    expected_std = (2 / (1 + 0.2 ** 2) / fan_in) ** 0.5
+    expected_std = (2 / (1 + 0.2**2) / fan_in) ** 0.5
     assert abs(w.std().item() / expected_std - 1) < 0.25
     inner = model.levels[0].rrdbs[0].body[0].convs[0].weight
-    expected_inner = 0.1 * (2 / (1 + 0.2 ** 2) / inner[0].numel()) ** 0.5
+    expected_inner = 0.1 * (2 / (1 + 0.2**2) / inner[0].numel()) ** 0.5
     assert abs(inner.std().item() / expected_inner - 1) < 0.25
     assert hasattr(conv, "parametrizations")  # weight norm is really on
 
@@ -117,7 +119,7 @@ def test_paper_preset_parameter_count(capsys):
     assert abs(n / 1e6 - 210.6) < 0.5
     assert abs(model.num_parameters(1) / 1e6 - 112.0) < 0.1
     # `chimle presets` (the default "same" layout): one line per preset with its total
-    from chimle.cli import main
+    from chimle.apps.cli import main
 
     assert main(["presets"]) == 0
     totals = {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()}
@@ -147,6 +149,7 @@ def test_public_api_names():
 
 def test_recorded_norm_stats_reproduce_forward():
     from chimle.model import NormStats
+
     model = tiny().eval()
     x = torch.rand(2, 3, 16, 16)
     codes = model.sample_codes(2, input_hw=(16, 16))

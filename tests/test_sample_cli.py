@@ -6,21 +6,49 @@ import sys
 import pytest
 import torch
 
-from chimle.cli import main
-from chimle.imageio import list_images, load_image, save_image
+from chimle.apps.cli import main
+from chimle.data.imageio import list_images, load_image, save_image
+from chimle.inference.sample import generate
+from chimle.inference.tiling import pad_to_tower
 from chimle.model import TowerConfig, TowerModel
-from chimle.sample import generate, pad_to_tower
-from chimle.train import seeded
+from chimle.rng import seeded
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, photo_dir):
     """A briefly trained tiny 4x SR tower, exported as safetensors."""
     out = tmp_path_factory.mktemp("run")
-    rc = main(["train", "--task", "sr", "--scale", "4", "--data", str(photo_dir), "--preset", "tiny", "--crop", "16",
-               "--out", str(out), "--steps", "6", "--device", "cpu", "--set", "train.pool_size=4",
-               "--set", "search.samples_per_level=[3,2]", "--set", "search.distance=alex",
-               "--set", "train.sample_every=0"])
+    rc = main(
+        [
+            "train",
+            "--task",
+            "sr",
+            "--scale",
+            "4",
+            "--data",
+            str(photo_dir),
+            "--preset",
+            "tiny",
+            "--crop",
+            "16",
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--device",
+            "cpu",
+            "--set",
+            "train.pool_size=4",
+            "--set",
+            "search.samples_per_level=[3,2]",
+            "--set",
+            "search.distance=alex",
+            "--set",
+            "train.sample_every=0",
+        ]
+    )
     assert rc == 0 and (out / "checkpoints" / "last.pt").exists()
     path = out / "w.safetensors"
     assert main(["export", str(out / "checkpoints" / "last.pt"), str(path)]) == 0
@@ -51,12 +79,27 @@ def test_sample_writes_n_different_outputs_and_grid(weights, photo_dir, tmp_path
 
 def test_degrade_grid_has_target_and_interpolate(weights, photo_dir, tmp_path):
     out = tmp_path / "o"
-    assert main(["sample", str(weights), str(list_images(photo_dir)[0]), "--num", "2", "--out", str(out),
-                 "--degrade"]) == 0
+    assert (
+        main(["sample", str(weights), str(list_images(photo_dir)[0]), "--num", "2", "--out", str(out), "--degrade"])
+        == 0
+    )
     assert (out / f"{list_images(photo_dir)[0].stem}_grid.png").exists()
     out3 = tmp_path / "interp"
-    assert main(["sample", str(weights), str(list_images(photo_dir)[1]), "--out", str(out3), "--interpolate",
-                 "--steps", "5"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(weights),
+                str(list_images(photo_dir)[1]),
+                "--out",
+                str(out3),
+                "--interpolate",
+                "--steps",
+                "5",
+            ]
+        )
+        == 0
+    )
     frames = sorted(out3.glob("*_0*.png"))
     assert len(frames) == 5
     a, b, c = (load_image(frames[i]) for i in (0, 1, 4))
@@ -92,7 +135,9 @@ def test_cli_errors_are_one_line(tmp_path, photo_dir, capsys):
     bad = tmp_path / "broken"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"definitely not a png")
-    rc = main(["train", "--task", "sr", "--scale", "4", "--data", str(bad), "--crop", "16", "--out", str(tmp_path / "r")])
+    rc = main(
+        ["train", "--task", "sr", "--scale", "4", "--data", str(bad), "--crop", "16", "--out", str(tmp_path / "r")]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "a.png" in err
     rc = main(["train", "--data", str(photo_dir), "--set", "train.stepz=3"])
@@ -116,8 +161,26 @@ def test_tiled_sampling_matches_untiled_away_from_seams(weights, photo_dir, tmp_
     save_image(load_image(list_images(photo_dir)[1])[:, :40, :24], src / "b.png")  # 2 tiles of 24 down
     whole, tiled = tmp_path / "whole", tmp_path / "tiled"
     assert main(["sample", str(weights), str(src), "--num", "2", "--out", str(whole), "--seed", "3"]) == 0
-    assert main(["sample", str(weights), str(src), "--num", "2", "--out", str(tiled), "--seed", "3",
-                 "--tile", "24", "--overlap", "8"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(weights),
+                str(src),
+                "--num",
+                "2",
+                "--out",
+                str(tiled),
+                "--seed",
+                "3",
+                "--tile",
+                "24",
+                "--overlap",
+                "8",
+            ]
+        )
+        == 0
+    )
     a, b = load_image(whole / "b_001.png"), load_image(tiled / "b_001.png")
     assert a.shape == b.shape == (3, 160, 96)
     err = (a - b).abs()

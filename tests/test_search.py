@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from chimle import latent
+from chimle.memory import chunk_rows, parse_bytes
 from chimle.model import TowerConfig, TowerModel
-from chimle.search import ablation, chunk_rows, flat, hierarchical, parse_bytes
+from chimle.search import ablation, flat, hierarchical, reference_hierarchical, replay
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
 
 def mse(a, b):
@@ -25,41 +28,25 @@ def setup(request):
     return model, x, y, hw
 
 
-def brute_hierarchical(model, x, y, counts, seed, iterative=True, partial=True):
-    """Algorithm 1 written naively: one full forward per candidate, drawing in the same order."""
-    g = torch.Generator().manual_seed(seed)
-    layout = model.latent_layout(x.shape[-2:])
-    n, L = x.shape[0], model.cfg.levels
-    chosen = []
-    with torch.no_grad():
-        for l, m in enumerate(counts, 1):
-            z_l = layout.sample_level(l, n * m, g)
-            prefix = layout.sample(n * m, g, levels=l - 1) if not iterative else None
-            suffix = [layout.sample_level(k, n * m, g) for k in range(l + 1, L + 1)] if not partial else []
-            best = []
-            for i in range(n):
-                ds = []
-                for j in range(m):
-                    r = i * m + j
-                    pre = [c for c in chosen] if iterative else latent.index(prefix, [r])
-                    pre = [latent.Component(c.style[i:i + 1], c.noise[i:i + 1]) for c in pre] if iterative else pre
-                    code = pre + latent.index([z_l], [r]) + latent.index(suffix, [r])
-                    out = model(x[i:i + 1], code)[-1]
-                    ds.append(mse(out, torch.nn.functional.interpolate(
-                        y[i:i + 1], size=out.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)).item())
-                best.append(i * m + min(range(m), key=ds.__getitem__))
-            chosen.append(latent.index([z_l], best)[0])
-        final = mse(model(x, chosen)[-1], y)
-    return chosen, final
-
-
 @pytest.mark.parametrize("iterative,partial", [(True, True), (False, True), (False, False), (True, False)])
 def test_hierarchical_is_true_argmin(setup, iterative, partial):
     model, x, y, _ = setup
     counts = [5, 4, 3]
-    codes, dists = hierarchical(model, x, y, mse, counts, torch.Generator().manual_seed(7),
-                                iterative=iterative, partial=partial, memory_budget=50_000)
-    ref_codes, ref_final = brute_hierarchical(model, x, y, counts, 7, iterative, partial)
+    codes, dists = hierarchical(
+        model,
+        x,
+        y,
+        mse,
+        counts,
+        torch.Generator().manual_seed(7),
+        iterative=iterative,
+        partial=partial,
+        memory_budget=50_000,
+    )
+    # Algorithm 1 written plainly: one full forward per candidate, drawing in the same order
+    ref_codes, ref_final = reference_hierarchical(
+        model, x, y, mse, counts, torch.Generator().manual_seed(7), iterative=iterative, partial=partial
+    )
     for a, b in zip(codes, ref_codes):
         assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
     torch.testing.assert_close(dists, ref_final, atol=1e-6, rtol=1e-5)
@@ -72,7 +59,7 @@ def test_flat_is_true_argmin(setup):
     with torch.no_grad():
         for i in range(3):
             rows = list(range(i * 6, i * 6 + 6))
-            ds = torch.stack([mse(model(x[i:i + 1], latent.index(cands, [r]))[-1], y[i:i + 1])[0] for r in rows])
+            ds = torch.stack([mse(model(x[i : i + 1], latent.index(cands, [r]))[-1], y[i : i + 1])[0] for r in rows])
             j = int(ds.argmin())
             assert torch.equal(codes[0].style[i], cands[0].style[rows[j]])
             assert torch.equal(codes[-1].noise[i], cands[-1].noise[rows[j]])
@@ -122,9 +109,31 @@ def test_search_codes_are_trainable(setup):
 
 def test_budget_helpers(setup):
     model, *_ = setup
-    assert parse_bytes("2GB") == 2 * 2 ** 30 and parse_bytes("512MiB") == 512 * 2 ** 20 and parse_bytes(10) == 10
-    small = chunk_rows(model, range(1, 4), (16, 16), 10 ** 6)
-    big = chunk_rows(model, range(1, 4), (16, 16), 10 ** 9)
+    assert parse_bytes("2GB") == 2 * 2**30 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(10) == 10
+    small = chunk_rows(model, range(1, 4), (16, 16), 10**6)
+    big = chunk_rows(model, range(1, 4), (16, 16), 10**9)
     assert 1 <= small < big
     with pytest.raises(ValueError, match="one count per level"):
         hierarchical(model, torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), mse, [1, 1])
+
+
+@pytest.mark.parametrize("iterative,partial", [(True, True), (False, False)])
+def test_replay_rebuilds_the_chosen_codes(setup, iterative, partial):
+    """The winners and the generator's seed are enough to redraw the codes (what checkpoints store)."""
+    model, x, y, hw = setup
+    picks = []
+    codes, _ = hierarchical(
+        model, x, y, mse, [5, 4, 3], torch.Generator().manual_seed(3), iterative=iterative, partial=partial, picks=picks
+    )
+    layout = model.latent_layout(hw)
+    again = replay(
+        layout, [5, 4, 3], torch.stack(picks, 1), torch.Generator().manual_seed(3), iterative=iterative, partial=partial
+    )
+    for a, b in zip(codes, again, strict=True):
+        assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
+    picks = []
+    codes, _ = flat(model, x, y, mse, 6, torch.Generator().manual_seed(4), picks=picks)
+    again = replay(layout, [6], picks[0], torch.Generator().manual_seed(4), flat=True)
+    assert all(torch.equal(a.noise, b.noise) for a, b in zip(codes, again, strict=True))
+    wrong = replay(layout, [6], (picks[0] + 1) % 6, torch.Generator().manual_seed(4), flat=True)
+    assert not torch.equal(wrong[0].style, codes[0].style)

@@ -7,8 +7,11 @@ in the comments); the untiled pass is the reference everywhere.
 import pytest
 import torch
 
-from chimle.model import TowerConfig, TowerModel, downsample
-from chimle.tiling import auto_tile, blend_ramp, padded_hw, tile_starts, tiled_forward
+from chimle.inference.tiling import auto_tile, blend_ramp, padded_hw, tile_starts, tiled_forward
+from chimle.model import TowerConfig, TowerModel
+from chimle.resample import resize as downsample
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
 # layout: (input h, w), tile, overlap, margin (input px kept clear of every inner tile edge). Two tiles
 # down, one across: the margin then leaves about half of the image to compare.
@@ -60,8 +63,10 @@ def test_shared_statistics_fix_tone_drift(photos, layout, hw, tile, overlap):
     codes = model.sample_codes(1, torch.Generator().manual_seed(1), input_hw=hw)
     with torch.no_grad():
         ref = model(x, codes)[-1]
-    mae = {s: (tiled_forward(model, x, codes, tile, overlap, stats=s) - ref).abs().mean().item()
-           for s in ("full", "lowres", "aggregate", "tile")}
+    mae = {
+        s: (tiled_forward(model, x, codes, tile, overlap, stats=s) - ref).abs().mean().item()
+        for s in ("full", "lowres", "aggregate", "tile")
+    }
     print(layout, {k: f"{v:.2e}" for k, v in mae.items()})
     # Measured (same / SR): full 1.2e-4 / 2.7e-5, lowres 1.9e-3 / 1.1e-3, aggregate 1.9e-3 / 4.6e-4,
     # tile 1.1e-2 / 2.2e-3.

@@ -1,21 +1,46 @@
-"""Training pipeline: config validation, loss goes down, exact resume, crash-safe checkpoints, export."""
+"""Training pipeline: config validation, loss goes down, exact resume (and what resume refuses),
+bounded checkpoints, crash-safe writes, export, every task end to end."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from chimle import checkpoint, search
-from chimle.config import ConfigError, dump_config, load_config
-from chimle.train import Trainer, level_losses, seeded
+from chimle import search
+from chimle.data.imageio import load_image, read_csv_columns, save_image
+from chimle.inference import weights as checkpoint
+from chimle.inference.sample import generate
+from chimle.loss import level_losses
+from chimle.rng import seeded
+from chimle.training.config import ConfigError, dump_config, load_config
+from chimle.training.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
 
 def tiny_cfg(photo_dir, out, **extra):
-    base = {"name": "t", "out": str(out), "preset": "tiny", "data.task": "sr", "data.scale": 4, "data.crop": 16,
-            "data.data": str(photo_dir), "search.samples_per_level": [3, 2], "search.num_samples": 4,
-            "search.distance": "alex", "train.steps": 12, "train.pool_size": 6, "train.steps_per_round": 5,
-            "train.batch_size": 2, "train.checkpoint_every": 5, "train.sample_every": 0, "train.lr": 1e-3,
-            "train.grid_inputs": 2, "train.grid_samples": 2, "train.device": "cpu"}
+    base = {
+        "name": "t",
+        "out": str(out),
+        "preset": "tiny",
+        "data.task": "sr",
+        "data.scale": 4,
+        "data.crop": 16,
+        "data.data": str(photo_dir),
+        "search.samples_per_level": [3, 2],
+        "search.num_samples": 4,
+        "search.distance": "alex",
+        "train.steps": 12,
+        "train.pool_size": 6,
+        "train.steps_per_round": 5,
+        "train.batch_size": 2,
+        "train.checkpoint_every": 5,
+        "train.sample_every": 0,
+        "train.lr": 1e-3,
+        "train.grid_inputs": 2,
+        "train.grid_samples": 2,
+        "train.device": "cpu",
+    }
     base.update(extra)
     return load_config(base=base)
 
@@ -55,12 +80,13 @@ def test_every_config_in_repo_loads():
 def test_training_lowers_imle_loss_on_fixed_batch(photo_dir, tmp_path):
     cfg = tiny_cfg(photo_dir, tmp_path, **{"train.steps": 40, "train.steps_per_round": 10})
     tr = Trainer(cfg, quiet=True)
-    x, y = tr.pool_batch([0, 1, 2])
+    tr.pool = tr.search_pool()
+    x, y, _ = tr.pool.batch([0, 1, 2], tr.device)
 
     def imle_loss():  # the training objective: distance of the best of a fixed set of codes
         codes, _ = search.flat(tr.model, x, y, tr.distance, 8, seeded(1))
         with torch.no_grad():
-            return float(level_losses(tr.task, tr.distance, tr.model(x, codes), x, y).sum(1).mean())
+            return float(level_losses(tr.model(x, codes), x, y, tr.distance, tr.task.rgb).sum(1).mean())
 
     before = imle_loss()
     tr.run()
@@ -79,10 +105,9 @@ def test_resume_follows_same_trajectory(photo_dir, tmp_path):
     resumed = Trainer(tiny_cfg(photo_dir, tmp_path / "b"), resume=True, quiet=True)
     assert resumed.step == 7
     resumed.run()
-    la = [h["loss"] for h in full.history]
-    lb = [h["loss"] for h in resumed.history]
-    assert len(la) == len(lb) == 12
-    assert la == lb  # identical, step for step, across a search-round boundary
+    la, lb = read_csv_columns(tmp_path / "a" / "log.csv"), read_csv_columns(tmp_path / "b" / "log.csv")
+    assert la["step"] == lb["step"] == list(range(1, 13))  # the resumed log continues the first part's
+    assert la["loss"] == lb["loss"]  # identical, step for step, across a search-round boundary
     for (k, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), k
 
@@ -127,13 +152,93 @@ def test_export_and_load_by_path_and_name(photo_dir, tmp_path, monkeypatch):
 
 
 def test_cimle_method_and_zero_code_pretraining(photo_dir, tmp_path):
-    cfg = tiny_cfg(photo_dir, tmp_path, **{"search.method": "cimle", "search.zero_code_rounds": 1,
-                                           "train.steps": 8})
+    cfg = tiny_cfg(photo_dir, tmp_path, **{"search.method": "cimle", "search.zero_code_rounds": 1, "train.steps": 8})
     tr = Trainer(cfg, quiet=True)
     tr.run()
     assert tr.round == 1
-    assert float(tr.pool["codes"].abs().sum()) > 0  # round 1 searched real codes
+    assert float(tr.pool.codes[0].style.abs().sum()) > 0  # round 1 searched real codes
     tr2 = Trainer(cfg, quiet=True)
     tr2.round = 0
     pool = tr2.search_pool()
-    assert float(pool["codes"].abs().sum()) == 0  # round 0 trains with z = 0
+    assert all(float(c.style.abs().sum() + c.noise.abs().sum()) == 0 for c in pool.codes)  # round 0: z = 0
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"search.method": "cimle"}, {"search.ablation": "no_ic_pe"}, {"search.ablation": "no_ic_pe_cd"}]
+)
+def test_checkpoint_stores_recipe_and_replays_codes(photo_dir, tmp_path, extra):
+    """The checkpoint keeps the winners, not the codes; resume redraws the same codes bit for bit."""
+    tr = Trainer(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 3, **extra}), quiet=True)
+    tr.run()
+    state = checkpoint.load_state(tr.checkpoint_path)
+    assert set(state["pool"]) == {"round", "picks", "dists"} and state["pool"]["picks"].shape[0] == 6
+    assert "history" not in state and set(state["last"]) == {"loss", "level1", "level2"}
+    back = Trainer(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 3, **extra}), resume=True, quiet=True)
+    for a, b in zip(tr.pool.codes, back.pool.codes, strict=True):
+        assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
+    assert torch.equal(tr.pool.inputs, back.pool.inputs) and torch.equal(tr.pool.targets, back.pool.targets)
+
+
+def test_checkpoint_size_does_not_grow_with_pool_or_steps(photo_dir, tmp_path):
+    sizes = {}
+    for pool, steps in ((6, 3), (60, 3), (6, 30)):
+        tr = Trainer(
+            tiny_cfg(photo_dir, tmp_path / f"{pool}-{steps}", **{"train.pool_size": pool, "train.steps": steps}),
+            quiet=True,
+        )
+        tr.run()
+        sizes[pool, steps] = tr.checkpoint_path.stat().st_size
+    # codes of 60 crops would add 60 x (8 + 2*4*4 + 8 + 2*8*8) floats = 50 KB; the recipe adds < 1 KB
+    assert sizes[60, 3] - sizes[6, 3] < 2000, sizes
+    assert abs(sizes[6, 30] - sizes[6, 3]) < 2000, sizes  # no per-step history
+
+
+def test_resume_refuses_a_changed_trajectory(photo_dir, tmp_path):
+    Trainer(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 2}), quiet=True).run()
+    changed = tiny_cfg(photo_dir, tmp_path, **{"train.seed": 1, "search.samples_per_level": [4, 2]})
+    with pytest.raises(ValueError) as e:
+        Trainer(changed, resume=True, quiet=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "train.seed: 0 -> 1" in msg and "search.samples_per_level: [3, 2] -> [4, 2]" in msg
+    assert "train.steps:" not in msg  # 2 -> 12 is allowed, so not listed
+    longer = Trainer(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 4}), resume=True, quiet=True)  # extending is fine
+    assert longer.step == 2
+
+
+def test_generate_leaves_the_model_mode_as_it_found_it():
+    from chimle.model import TowerConfig, TowerModel
+
+    model = TowerModel(TowerConfig.preset("tiny", layout="upscale", levels=2))
+    x = torch.rand(1, 3, 4, 4)
+    for mode in (True, False):
+        model.train(mode)
+        generate(model, x, 2, seeded(0))
+        assert model.training is mode
+
+
+@pytest.mark.parametrize("task,extra", [("colorize", {}), ("jpeg", {"data.quality": 5}), ("night", {}), ("paired", {})])
+def test_every_same_layout_task_trains_and_samples(photo_dir, tmp_path, task, extra):
+    """End to end on the "same" layout: a few steps, then `chimle sample` on one of the photos."""
+    from chimle.apps.cli import main
+
+    data = photo_dir
+    cfg_extra = {"data.task": task, "data.crop": 16, "search.samples_per_level": [3, 2, 2], **extra}
+    if task == "paired":  # real pairs: darker copies of the photos as inputs, matched by name
+        data = tmp_path / "inputs"
+        data.mkdir()
+        for p in sorted(photo_dir.iterdir()):
+            save_image(load_image(p) * 0.5, data / p.name)
+        cfg_extra["data.target"] = str(photo_dir)
+    cfg = tiny_cfg(data, tmp_path / "run", **{"train.steps": 3, **cfg_extra})
+    tr = Trainer(cfg, quiet=True)
+    assert tr.model_cfg.layout == "same" and tr.model_cfg.in_channels == (1 if task == "colorize" else 3)
+    last = tr.run()
+    assert last["loss"] > 0 and (tmp_path / "run" / "samples" / "step_0000003.png").exists()
+    photo = sorted(photo_dir.iterdir())[0]
+    assert main(["sample", str(tr.checkpoint_path), str(photo), "--num", "2", "--out", str(tmp_path / "s")]) == 0
+    out = load_image(tmp_path / "s" / f"{photo.stem}_000.png")
+    assert out.shape == load_image(photo).shape  # same layout: the output has the input's size
+    if task == "colorize":  # the sample keeps the photo's lightness (the model predicts only ab)
+        from chimle.data.tasks import rgb_to_l01
+
+        assert (rgb_to_l01(out) - rgb_to_l01(load_image(photo))).abs().mean() < 0.02

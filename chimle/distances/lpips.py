@@ -59,11 +59,18 @@ _ALIASES = {"alex": "alex", "alexnet": "alex", "vgg": "vgg", "vgg16": "vgg"}
 def _backbone(net: str) -> nn.Sequential:
     if net == "alex":
         layers = [
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 64, 11, stride=4, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(),
         ]
     else:
         layers, c_in = [], 3
@@ -173,7 +180,10 @@ def _from_flax(params: dict, net: str) -> dict[str, Tensor]:
     if _JAX_ROOT[net] not in params:
         raise ValueError(f"checkpoint holds {sorted(params)}, not LPIPS-{net} ({_JAX_ROOT[net]})")
     convs = [i for i, m in enumerate(_backbone(net)) if isinstance(m, nn.Conv2d)]
-    hwio = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(3, 2, 0, 1)))
+
+    def hwio(a):  # flax kernels are (H, W, in, out); torch's (out, in, H, W)
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(3, 2, 0, 1)))
+
     sd = {}
     for j, i in enumerate(convs):  # flax numbers only the convs: Conv_j is the j-th conv
         p = params[_JAX_ROOT[net]][f"Conv_{j}"]
@@ -221,7 +231,10 @@ def _load_state(net: str, path: Path) -> dict[str, Tensor]:
             if not any(k.startswith(prefix) for k in sd):
                 other = _hub_file(fname)
                 if other is None:
-                    raise FileNotFoundError(f"{path} lacks the LPIPS-{net} {prefix[:-1]} weights and {fname} is not in the hub cache; {_help(net)}")
+                    raise FileNotFoundError(
+                        f"{path} lacks the LPIPS-{net} {prefix[:-1]} weights and {fname} is not in the hub cache; "
+                        f"{_help(net)}"
+                    )
                 sd.update({k: v for k, v in _read(other, net).items() if k.startswith(prefix)})
         _STATE_CACHE[key] = sd
     return _STATE_CACHE[key]
@@ -260,7 +273,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # a fixed metric: never switch to training behaviour
 
     def _prepare(self, x: Tensor) -> Tensor:
@@ -299,7 +312,9 @@ class LPIPS(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """LPIPS between pairs a[i], b[i] (or b[0] if b has batch 1); images in [0,1]."""
         if a.shape[2:] != b.shape[2:] or b.shape[0] not in (1, a.shape[0]):
-            raise ValueError(f"LPIPS inputs must match in H, W and batch (or b batch 1): {tuple(a.shape)} vs {tuple(b.shape)}")
+            raise ValueError(
+                f"LPIPS inputs must match in H, W and batch (or b batch 1): {tuple(a.shape)} vs {tuple(b.shape)}"
+            )
         return self.distance_from_features(self.features(a), self.features(b), size=a.shape[-2:])
 
     def one_to_many(self, target: Tensor | list[Tensor], candidates: Tensor, chunk_size: int | None = None) -> Tensor:
@@ -310,29 +325,3 @@ class LPIPS(nn.Module):
             raise ValueError(f"one_to_many takes a single target, got batch {ft[0].shape[0]}")
         chunks = candidates.split(chunk_size) if chunk_size else (candidates,)
         return torch.cat([self.distance_from_features(self.features(c), ft, size=c.shape[-2:]) for c in chunks])
-
-
-def multiscale_lpips(distance, outputs: list[Tensor], targets: list[Tensor]) -> Tensor:
-    """Unweighted sum over resolution levels of distance(outputs[l], targets[l]):
-    the intermediate-supervision loss of TIM (Sect. 4.1) / CHIMLE (Sect. 2.3)."""
-    if len(outputs) != len(targets) or not outputs:
-        raise ValueError(f"need matching non-empty level lists, got {len(outputs)} outputs and {len(targets)} targets")
-    return sum(distance(o, t) for o, t in zip(outputs, targets))
-
-
-DISTANCES = ("vgg", "alex", "pixel_vgg", "vgg_l1")
-
-
-def make_distance(name: str) -> nn.Module:
-    """A distance by config name: LPIPS ("vgg" as CHIMLE/TIM, "alex"), or cIMLE's ("pixel_vgg": L2 on
-    pixels + L2 on VGG features, its super-resolution distance; "vgg_l1": L1 on VGG features, its
-    scene-layout distance; see chimle.cimle)."""
-    if name in ("vgg", "alex"):
-        return LPIPS(name)
-    from .cimle import PixelVGGDistance, VGGFeatureL1Distance
-
-    if name == "pixel_vgg":
-        return PixelVGGDistance()
-    if name == "vgg_l1":
-        return VGGFeatureL1Distance()
-    raise ValueError(f"unknown distance {name!r}; choose from {', '.join(DISTANCES)}")

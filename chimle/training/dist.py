@@ -20,8 +20,21 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-__all__ = ["init", "shutdown", "rank", "world_size", "is_main", "local_device", "wrap", "unwrap",
-           "all_gather_rows", "all_mean", "assert_in_sync", "barrier", "shard"]
+__all__ = [
+    "init",
+    "shutdown",
+    "rank",
+    "world_size",
+    "is_main",
+    "local_device",
+    "wrap",
+    "unwrap",
+    "all_gather_rows",
+    "all_mean",
+    "assert_in_sync",
+    "barrier",
+    "shard",
+]
 
 
 def enabled() -> bool:
@@ -118,7 +131,9 @@ def assert_in_sync(model: nn.Module) -> None:
         torch_dist.all_reduce(lo, op=torch_dist.ReduceOp.MIN)
         torch_dist.all_reduce(hi, op=torch_dist.ReduceOp.MAX)
     if not torch.equal(lo, hi):
-        raise RuntimeError(f"rank {rank()}: parameters differ between ranks (max gap {float((hi - lo).abs().max()):.3g})")
+        raise RuntimeError(
+            f"rank {rank()}: parameters differ between ranks (max gap {float((hi - lo).abs().max()):.3g})"
+        )
 
 
 def barrier() -> None:

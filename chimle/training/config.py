@@ -21,10 +21,27 @@ from typing import Any
 
 import yaml
 
-from .model import TowerConfig
+from ..data.tasks import TASKS
+from ..distances import DISTANCES
+from ..model import PRESETS, TowerConfig
+from ..search import ABLATIONS
 
-__all__ = ["Config", "DataConfig", "SearchConfig", "TrainConfig", "ConfigError", "load_config", "dump_config",
-           "from_dict", "apply_overrides", "resolve_model"]
+__all__ = [
+    "METHODS",
+    "Config",
+    "DataConfig",
+    "SearchConfig",
+    "TrainConfig",
+    "ConfigError",
+    "load_config",
+    "dump_config",
+    "from_dict",
+    "apply_overrides",
+    "resolve_model",
+]
+
+
+METHODS = ("chimle", "cimle")  # hierarchical (Algorithm 1) | flat (Eq. 1)
 
 
 class ConfigError(ValueError):
@@ -33,58 +50,58 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    task: str = "sr"              # sr | colorize | jpeg | paired | night (synthetic night-to-day)
-    data: str = ""                # folder of training photos (targets); "builtin" = scikit-image's photos
-    target: str = ""              # paired task only: folder of target images (then `data` holds the inputs)
-    val_data: str = ""            # optional folder of held-out photos for sample grids ("" = none)
-    scale: int = 8                # sr only: upscaling factor, 2^levels (16 in CHIMLE, 8 in cIMLE)
-    quality: int = 1              # jpeg only: JPEG quality of the inputs (1 in the paper)
-    crop: int = 64                # side of the training crops, at the target resolution
-    prescale: float = 0.0         # downscale photos by this factor after loading (0 = off); >= 2 for camera JPEGs
-    skip_bad: bool = False        # skip unreadable images with a warning instead of stopping
-    cache: bool = True            # keep decoded images in memory (small datasets; set false for large ones)
-    verify: bool = True           # decode every file once at start-up so a bad file fails now, not mid-run
+    task: str = "sr"  # sr | colorize | jpeg | paired | night (synthetic night-to-day)
+    data: str = ""  # folder of training photos (targets); "builtin" = scikit-image's photos
+    target: str = ""  # paired task only: folder of target images (then `data` holds the inputs)
+    val_data: str = ""  # optional folder of held-out photos for sample grids ("" = none)
+    scale: int = 8  # sr only: upscaling factor, 2^levels (16 in CHIMLE, 8 in cIMLE)
+    quality: int = 1  # jpeg only: JPEG quality of the inputs (1 in the paper)
+    crop: int = 64  # side of the training crops, at the target resolution
+    prescale: float = 0.0  # downscale photos by this factor after loading (0 = off); >= 2 for camera JPEGs
+    skip_bad: bool = False  # skip unreadable images with a warning instead of stopping
+    cache: bool = True  # keep decoded images in memory (small datasets; set false for large ones)
+    verify: bool = True  # decode every file once at start-up so a bad file fails now, not mid-run
 
 
 @dataclass
 class SearchConfig:
-    method: str = "chimle"        # chimle (hierarchical, Algorithm 1) | cimle (flat, Eq. 1)
+    method: str = "chimle"  # chimle (hierarchical, Algorithm 1) | cimle (flat, Eq. 1)
     samples_per_level: list[int] = field(default_factory=lambda: [20, 10, 5])  # CHIMLE m_l (paper 200,200,20,10)
-    num_samples: int = 35         # cIMLE m, whole codes per image (cIMLE SR used 100)
-    ablation: str = "full"        # CHIMLE Fig. 7: full | no_ic | no_ic_pe | no_ic_pe_cd
-    distance: str = "vgg"         # search and loss: LPIPS vgg (authors) | alex, or cIMLE's pixel_vgg | vgg_l1
-    memory_budget: str = ""       # bytes for a chunk of candidates, e.g. "4GB" ("" = half the free GPU / 2 GB)
-    batch: int = 16               # inputs searched together (rows of candidates = batch * m)
-    zero_code_rounds: int = 0     # cIMLE pretraining: the first rounds train with z = 0 instead of searching
-    compile: bool = False         # torch.compile the search's levels (pays off only in long runs: benchmarks/compile.py)
+    num_samples: int = 35  # cIMLE m, whole codes per image (cIMLE SR used 100)
+    ablation: str = "full"  # CHIMLE Fig. 7: full | no_ic | no_ic_pe | no_ic_pe_cd
+    distance: str = "vgg"  # search and loss: LPIPS vgg (authors) | alex | cIMLE's pixel_vgg | vgg_l1 | l2 (pixels)
+    memory_budget: str = ""  # bytes for a chunk of candidates, e.g. "4GB" ("" = half the free GPU / 2 GB)
+    batch: int = 16  # inputs searched together (rows of candidates = batch * m)
+    zero_code_rounds: int = 0  # cIMLE pretraining: the first rounds train with z = 0 instead of searching
+    compile: bool = False  # torch.compile the search's levels (pays off only in long runs: benchmarks/compile.py)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000             # total optimizer steps
-    pool_size: int = 400          # images (random crops) whose codes are searched per round (paper 400)
+    steps: int = 2000  # total optimizer steps
+    pool_size: int = 400  # images (random crops) whose codes are searched per round (paper 400)
     steps_per_round: int = 10000  # steps trained on one pool's codes before the next search (paper 10,000)
-    batch_size: int = 1           # images per step (paper 1)
-    lr: float = 1e-4              # Adam learning rate (paper 1e-4)
+    batch_size: int = 1  # images per step (paper 1)
+    lr: float = 1e-4  # Adam learning rate (paper 1e-4)
     mapping_lr_mult: float = 0.01  # the mapping networks train at lr x this (authors: 0.01)
-    beta1: float = 0.9            # Adam beta1
-    beta2: float = 0.999          # Adam beta2
-    pixel_weight: float = 0.0     # weight of an extra per-level L1 loss (0 = LPIPS only, as the paper)
-    seed: int = 0                 # seeds the crops, the searches and the batch order
-    device: str = "auto"          # auto (cuda if present) | cpu | cuda | cuda:N
-    amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
-    checkpoint_every: int = 500   # steps between full-state checkpoints (also written at exit / Ctrl-C)
-    log_every: int = 25           # steps between loss logs (TensorBoard and the progress bar)
-    sample_every: int = 500       # steps between sample grids (0 = only at the end)
-    grid_inputs: int = 4          # held-out inputs in a sample grid
-    grid_samples: int = 4         # samples per input in a sample grid
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    pixel_weight: float = 0.0  # weight of an extra per-level L1 loss (0 = LPIPS only, as the paper)
+    seed: int = 0  # seeds the crops, the searches and the batch order
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    checkpoint_every: int = 500  # steps between full-state checkpoints (also written at exit / Ctrl-C)
+    log_every: int = 25  # steps between loss logs (TensorBoard and the progress bar)
+    sample_every: int = 500  # steps between sample grids (0 = only at the end)
+    grid_inputs: int = 4  # held-out inputs in a sample grid
+    grid_samples: int = 4  # samples per input in a sample grid
 
 
 @dataclass
 class Config:
-    name: str = "chimle"          # run name; outputs go to runs/NAME unless `out` is set
-    out: str = ""                 # output folder ("" = runs/NAME)
-    preset: str = "tiny"          # model preset: tiny | small | paper; `model` fields override it
+    name: str = "chimle"  # run name; outputs go to runs/NAME unless `out` is set
+    out: str = ""  # output folder ("" = runs/NAME)
+    preset: str = "tiny"  # model preset: tiny | small | paper; `model` fields override it
     model: dict = field(default_factory=dict)  # TowerConfig overrides, e.g. {blocks: 2}; resolved in config.yaml
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -167,8 +184,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Config from an optional YAML file, then `base` (e.g. CLI flags), then `--set` overrides."""
     d: dict = {}
     if path:
@@ -189,17 +205,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: Config) -> None:
-    choices = {"data.task": (cfg.data.task, ("sr", "colorize", "jpeg", "paired", "night")),
-               "search.method": (cfg.search.method, ("chimle", "cimle")),
-               "search.ablation": (cfg.search.ablation, ("full", "no_ic", "no_ic_pe", "no_ic_pe_cd")),
-               "search.distance": (cfg.search.distance, ("vgg", "alex", "pixel_vgg", "vgg_l1")),
-               "preset": (cfg.preset, ("tiny", "small", "paper"))}
+    choices = {
+        "data.task": (cfg.data.task, tuple(TASKS)),
+        "search.method": (cfg.search.method, METHODS),
+        "search.ablation": (cfg.search.ablation, ABLATIONS),
+        "search.distance": (cfg.search.distance, tuple(DISTANCES)),
+        "preset": (cfg.preset, tuple(PRESETS)),
+    }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    positive = {"train.steps": cfg.train.steps, "train.pool_size": cfg.train.pool_size,
-                "train.steps_per_round": cfg.train.steps_per_round, "train.batch_size": cfg.train.batch_size,
-                "data.crop": cfg.data.crop, "search.num_samples": cfg.search.num_samples, "search.batch": cfg.search.batch}
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.pool_size": cfg.train.pool_size,
+        "train.steps_per_round": cfg.train.steps_per_round,
+        "train.batch_size": cfg.train.batch_size,
+        "data.crop": cfg.data.crop,
+        "search.num_samples": cfg.search.num_samples,
+        "search.batch": cfg.search.batch,
+    }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")

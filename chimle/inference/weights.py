@@ -1,7 +1,6 @@
-"""Checkpoints: full training state for resume, and safetensors + config for released weights.
+"""Weights: reading training checkpoints, and safetensors + config for released weights.
 
-    save_state(path, state)                      # atomic: temp file + fsync + rename
-    state = load_state(path)
+    state = load_state(path)                     # a training checkpoint (chimle.training.checkpoint writes them)
     export("runs/x/checkpoints/last.pt", "sr8.safetensors")
     model = chimle.load("sr8.safetensors")       # or a training checkpoint, or a name under ~/.cache/chimle/weights
 
@@ -19,20 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
-from .imageio import atomic_write
-from .model import TowerConfig, TowerModel
+from ..data.imageio import atomic_write
+from ..model import TowerConfig, TowerModel
 
-__all__ = ["save_state", "load_state", "export", "load", "load_with_task", "weights_dir"]
+__all__ = ["CheckpointError", "load_state", "export", "load", "load_with_task", "weights_dir"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint or weights file that cannot be used; the message names the file."""
-
-
-def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Write a training state atomically; an interruption leaves the previous file intact."""
-    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -48,11 +44,13 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Training checkpoint -> safetensors with {"model": TowerConfig, "task": task config} metadata."""
     state = load_state(checkpoint)
-    meta = {"model": json.dumps(state["model_config"]), "task": json.dumps(state["task_config"]),
-            "step": str(state["step"]), "format": "chimle-1"}
+    meta = {
+        "model": json.dumps(state["model_config"]),
+        "task": json.dumps(state["task_config"]),
+        "step": str(state["step"]),
+        "format": "chimle-1",
+    }
     tensors = {k: v.contiguous() for k, v in state["model"].items()}
-    from safetensors.torch import save
-
     return atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))
 
 
@@ -78,8 +76,6 @@ def load_with_task(path: str | Path, device: str | torch.device = "cpu") -> tupl
     """(model in eval mode, task config dict) from exported weights, a training checkpoint, or a name."""
     p = _resolve(path)
     if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}

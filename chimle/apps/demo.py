@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
-from .data import ImageDataset, builtin_photo_dir
-from .train import Trainer
+from ..data.dataset import ImageDataset
+from ..data.imageio import builtin_photo_dir
+from ..inference.figures import save_grid
+from ..inference.sample import generate
+from ..rng import Stream, seeded
+from ..training.config import load_config
+from ..training.trainer import Trainer
 
 __all__ = ["run_demo"]
 
@@ -25,16 +29,34 @@ HELD_OUT = "chelsea"  # the cat: never trained on, shown in the grid
 
 
 def demo_config(out: str | Path, steps: int | None = None, device: str = "auto"):
-    return load_config(base={
-        "name": "demo", "out": str(out), "preset": "small", "model": {"blocks": 1},
-        "data.task": "sr", "data.scale": 8, "data.crop": 64, "data.data": str(Path(out) / "photos" / "train"),
-        "data.val_data": str(Path(out) / "photos" / "held_out"),
-        "search.method": "chimle", "search.samples_per_level": [16, 8, 4], "search.distance": "alex",
-        "search.batch": 32,
-        "train.steps": steps or 2500, "train.pool_size": 96, "train.steps_per_round": 200,
-        "train.batch_size": 4, "train.lr": 2e-4, "train.checkpoint_every": 500, "train.sample_every": 0,
-        "train.grid_inputs": 4, "train.grid_samples": 6, "train.device": device, "train.log_every": 10,
-    })
+    return load_config(
+        base={
+            "name": "demo",
+            "out": str(out),
+            "preset": "small",
+            "model": {"blocks": 1},
+            "data.task": "sr",
+            "data.scale": 8,
+            "data.crop": 64,
+            "data.data": str(Path(out) / "photos" / "train"),
+            "data.val_data": str(Path(out) / "photos" / "held_out"),
+            "search.method": "chimle",
+            "search.samples_per_level": [16, 8, 4],
+            "search.distance": "alex",
+            "search.batch": 32,
+            "train.steps": steps or 2500,
+            "train.pool_size": 96,
+            "train.steps_per_round": 200,
+            "train.batch_size": 4,
+            "train.lr": 2e-4,
+            "train.checkpoint_every": 500,
+            "train.sample_every": 0,
+            "train.grid_inputs": 4,
+            "train.grid_samples": 6,
+            "train.device": device,
+            "train.log_every": 10,
+        }
+    )
 
 
 def _split_photos(out: Path) -> None:
@@ -55,18 +77,21 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, device: st
     trainer = Trainer(cfg)
     trainer.run()
     # A grid over several crops of the held-out photo (the centre crop alone would show one patch).
-    from .sample import generate, save_grid
-    from .train import seeded
-
-    held = ImageDataset(out / "photos" / "held_out", trainer.task, crop=cfg.data.crop, levels=trainer.model_cfg.levels,
-                        train=True, seed=123)
+    held = ImageDataset(
+        out / "photos" / "held_out",
+        trainer.task,
+        crop=cfg.data.crop,
+        levels=trainer.model_cfg.levels,
+        train=True,
+        seed=123,
+    )
     items = []
     for e in range(4):
         held.set_epoch(e)
         items.append(held[0])
     x = torch.stack([it["input"] for it in items]).to(trainer.device)
     y = torch.stack([it["target"] for it in items])
-    samples = generate(trainer.model, x, 6, seeded(0, 55), task=trainer.task)
+    samples = generate(trainer.model, x, 6, seeded(0, Stream.DEMO, device=trainer.device), task=trainer.task)
     grid = out / "demo_grid.png"
     save_grid(grid, x.cpu(), samples.cpu(), y)
     return grid

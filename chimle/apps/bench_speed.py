@@ -14,8 +14,8 @@ same-size layout at 64 px, 256 px for "paper"):
                  convolution and matmul FLOPs (torch.utils.flop_counter) over the measured time, and
                  their fraction of this machine's measured dense matmul peak (float32 on a CPU, bf16 on
                  CUDA, the precisions the search runs in there)
-  naive search   the same search written straightforwardly (`naive_hierarchical`); both must choose the
-                 same codes (asserted), and the speed-up is measured in the same run
+  naive search   the same search written plainly (`chimle.search.reference_hierarchical`); both must
+                 choose the same codes (asserted), and the speed-up is measured in the same run
   train step     images per second of forward (all levels) + multi-level LPIPS + backward + Adam
   sample         samples per second (batched) and the latency of one sample (batch 1)
 Peak memory ("peak MiB"): tensor memory of one call above what was allocated before it: CUDA's
@@ -38,53 +38,26 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch._dynamo
 import torch.utils.flop_counter
-from torch import Tensor
 
-from . import latent, search
-from .latent import Codes
-from .model import TowerConfig, TowerModel, downsample
+from .. import search
+from ..data.tasks import make_task
+from ..distances.lpips import LPIPS
+from ..inference.sample import generate
+from ..model import TowerConfig, TowerModel
+from ..training.step import optimize_step, param_groups
 
-__all__ = ["main", "run", "naive_hierarchical", "matmul_peak", "format_table"]
+__all__ = ["main", "run", "matmul_peak", "format_table"]
 
 BENCHMARKS = ("search", "naive", "flat", "sample", "train")
 COLUMNS = ("preset", "case", "metric", "value", "unit", "GFLOP/s", "% peak", "peak MiB", "note")
-
-
-@torch.no_grad()
-def naive_hierarchical(model: TowerModel, x: Tensor, y: Tensor, distance: Callable[[Tensor, Tensor], Tensor],
-                       samples_per_level: Sequence[int], generator: torch.Generator | None = None) -> tuple[Codes, Tensor]:
-    """Algorithm 1 of CHIMLE written straightforwardly, as the yardstick of `search.hierarchical`.
-
-    It draws the same candidates in the same order, but runs the whole tower (levels 1..l) for one
-    candidate at a time, recomputes the target's LPIPS features for every candidate (distance(out,
-    target)), in float32, with no chunking, no inference mode and no weight-norm caching. Same
-    returns as `search.hierarchical`: the chosen codes and the last level's distances, (N,).
-    """
-    layout, n = model.latent_layout(x.shape[-2:]), x.shape[0]
-    sizes = model.cfg.output_sizes(*x.shape[-2:])
-    chosen: Codes = []
-    for l, m in enumerate(samples_per_level, 1):
-        z = layout.sample_level(l, n * m, generator, model.device)
-        picks, best = [], []
-        for i in range(n):
-            ds = []
-            for j in range(m):
-                r = i * m + j
-                code = [latent.Component(c.style[i:i + 1], c.noise[i:i + 1]) for c in chosen]
-                out = model(x[i:i + 1], code + [latent.Component(z.style[r:r + 1], z.noise[r:r + 1])])[-1]
-                ds.append(distance(out.float(), downsample(y[i:i + 1], sizes[l - 1])))
-            ds = torch.cat(ds)
-            picks.append(i * m + int(ds.argmin()))
-            best.append(ds.min())
-        chosen.append(latent.index([z], picks)[0])
-    return chosen, torch.stack(best)
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -114,7 +87,7 @@ def matmul_peak(device: torch.device, quick: bool = False) -> tuple[float, str]:
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024 if quick else 2048, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     t = best_time(lambda: a @ b, 3 if quick else 5, device)
-    return 2 * n ** 3 / t, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
+    return 2 * n**3 / t, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
 
 
 @contextlib.contextmanager
@@ -134,8 +107,10 @@ def _quiet_stderr():
 def memory_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated above the start of the call"
-    return ("peak of the CPU tensor allocations above the start of the call (torch.profiler memory events); "
-            "process peak RSS in the JSON (getrusage)")
+    return (
+        "peak of the CPU tensor allocations above the start of the call (torch.profiler memory events); "
+        "process peak RSS in the JSON (getrusage)"
+    )
 
 
 def peak_mib(fn: Callable[[], Any], device: torch.device) -> float:
@@ -150,7 +125,7 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -160,7 +135,7 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float:
     for _, nbytes in events:
         current += nbytes
         peak = max(peak, current)
-    return peak / 2 ** 20
+    return peak / 2**20
 
 
 @contextlib.contextmanager
@@ -181,13 +156,13 @@ def _frozen(model: TowerModel):
 @dataclass
 class Case:
     preset: str
-    name: str                   # "sr" (upscale layout) or "same"
+    name: str  # "sr" (upscale layout) or "same"
     input_hw: tuple[int, int]
     levels: int
-    counts: list[int]           # m_l of the hierarchical search
-    flat: int                   # m of the flat search
-    batch: int                  # inputs searched together
-    naive_counts: list[int]     # m_l of the naive comparison (the naive search is slow)
+    counts: list[int]  # m_l of the hierarchical search
+    flat: int  # m of the flat search
+    batch: int  # inputs searched together
+    naive_counts: list[int]  # m_l of the naive comparison (the naive search is slow)
     train_batch: int
     sample_batch: int
 
@@ -198,14 +173,15 @@ class Case:
     @property
     def label(self) -> str:
         h = self.input_hw[0]
-        return f"sr {h}->{h * 2 ** self.levels}" if self.name == "sr" else f"same {h}"
+        return f"sr {h}->{h * 2**self.levels}" if self.name == "sr" else f"same {h}"
 
 
 def make_cases(preset: str, device: torch.device, quick: bool) -> list[Case]:
     if preset == "paper":  # 16x SR 32 -> 512 px and same-size 256 px, 4 levels
         if device.type == "cuda":  # the authors' counts; the naive comparison with fewer
-            kw = dict(counts=[200, 200, 20, 10], flat=430, batch=2, naive_counts=[20, 20, 4, 2], train_batch=1,
-                      sample_batch=8)
+            kw = dict(
+                counts=[200, 200, 20, 10], flat=430, batch=2, naive_counts=[20, 20, 4, 2], train_batch=1, sample_batch=8
+            )
         else:  # a CPU forward at 512 px takes seconds: tiny counts
             kw = dict(counts=[2, 2, 1, 1], flat=6, batch=1, naive_counts=[2, 2, 1, 1], train_batch=1, sample_batch=1)
         return [Case(preset, "sr", (32, 32), 4, **kw), Case(preset, "same", (256, 256), 4, **kw)]
@@ -216,12 +192,29 @@ def make_cases(preset: str, device: torch.device, quick: bool) -> list[Case]:
     return [Case(preset, "sr", (8, 8), 3, **kw), Case(preset, "same", (64, 64), 3, **kw)]
 
 
-def _row(case: Case, metric: str, value: float | None, unit: str, peak: float | None = None, flops: float | None = None,
-         mm_peak: float = 0.0, note: str = "", **extra: Any) -> dict[str, Any]:
-    return {"preset": case.preset, "case": case.label, "metric": metric, "value": value, "unit": unit,
-            "gflops": None if flops is None else flops / 1e9,
-            "peak_fraction": None if flops is None or not mm_peak else flops / mm_peak,
-            "peak_mib": peak, "note": note, **extra}
+def _row(
+    case: Case,
+    metric: str,
+    value: float | None,
+    unit: str,
+    peak: float | None = None,
+    flops: float | None = None,
+    mm_peak: float = 0.0,
+    note: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "preset": case.preset,
+        "case": case.label,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "gflops": None if flops is None else flops / 1e9,
+        "peak_fraction": None if flops is None or not mm_peak else flops / mm_peak,
+        "peak_mib": peak,
+        "note": note,
+        **extra,
+    }
 
 
 def _instrumented(fn: Callable[[Any], Any], device: torch.device, model: TowerModel | None = None) -> tuple[int, float]:
@@ -245,12 +238,9 @@ def _measure(fn: Callable[[Any], Any], device: torch.device, reps: int, model: T
     return best_time(lambda: fn(None), reps, device, warmup=0), flops, peak
 
 
-def bench_case(case: Case, device: torch.device, distance, reps: int, mm_peak: float, only: set[str],
-               compile: bool) -> list[dict[str, Any]]:
-    from .data import make_task
-    from .sample import generate
-    from .train import optimize_step
-
+def bench_case(
+    case: Case, device: torch.device, distance, reps: int, mm_peak: float, only: set[str], compile: bool
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = TowerModel(TowerConfig.preset(case.preset, layout=case.layout, levels=case.levels)).to(device)
     n, out_hw = case.batch, model.cfg.output_sizes(*case.input_hw)[-1]
@@ -268,25 +258,38 @@ def bench_case(case: Case, device: torch.device, distance, reps: int, mm_peak: f
 
         def timed_search(counter):
             marks.append(time.perf_counter())
+
             def on_level(l, d):
                 _sync(device)
                 marks.append(time.perf_counter())
                 if counter is not None:
                     level_flops.append(counter.get_total_flops())
+
             hier(case.counts, on_level=on_level)
             marks.append(time.perf_counter())
 
         total, flops, mem = _measure(timed_search, device, reps, model)
         # marks: [start, end of L1 .. L_L, end] per call; the first call is the instrumented one
-        calls = [marks[i:i + len(case.counts) + 2] for i in range(0, len(marks), len(case.counts) + 2)][-reps:]
+        calls = [marks[i : i + len(case.counts) + 2] for i in range(0, len(marks), len(case.counts) + 2)][-reps:]
         per_level = [min(c[l + 1] - c[l] for c in calls) for l in range(len(case.counts))]
         level_flops = [b - a for a, b in zip([0] + level_flops, level_flops)]
         if "search" in only:
             for l, (t, m, f) in enumerate(zip(per_level, case.counts, level_flops), 1):
-                rows.append(_row(case, f"search L{l}", n * m / t, "cand/s", flops=f / t, mm_peak=mm_peak,
-                                 note=f"N={n} x m={m}"))
-            rows.append(_row(case, "search all", n * sum(case.counts) / total, "cand/s", mem, flops / total, mm_peak,
-                             f"m={case.counts}, {total * 1e3:.0f} ms"))
+                rows.append(
+                    _row(case, f"search L{l}", n * m / t, "cand/s", flops=f / t, mm_peak=mm_peak, note=f"N={n} x m={m}")
+                )
+            rows.append(
+                _row(
+                    case,
+                    "search all",
+                    n * sum(case.counts) / total,
+                    "cand/s",
+                    mem,
+                    flops / total,
+                    mm_peak,
+                    f"m={case.counts}, {total * 1e3:.0f} ms",
+                )
+            )
         fast_time = total if case.naive_counts == case.counts else None
         if compile and "search" in only:
             torch._dynamo.reset()  # graphs of earlier cases would count towards the recompile limit
@@ -298,56 +301,83 @@ def bench_case(case: Case, device: torch.device, distance, reps: int, mm_peak: f
             else:
                 first = time.perf_counter() - t0
                 ctotal = best_time(lambda: hier(case.counts, True), reps, device)
-                rows.append(_row(case, "search all (compile)", n * sum(case.counts) / ctotal, "cand/s",
-                                 flops=flops / ctotal, mm_peak=mm_peak,
-                                 note=f"x{total / ctotal:.2f} vs eager; first call {first:.0f} s"))
+                rows.append(
+                    _row(
+                        case,
+                        "search all (compile)",
+                        n * sum(case.counts) / ctotal,
+                        "cand/s",
+                        flops=flops / ctotal,
+                        mm_peak=mm_peak,
+                        note=f"x{total / ctotal:.2f} vs eager; first call {first:.0f} s",
+                    )
+                )
 
     if "naive" in only:
         if fast_time is None:
             fast_time = best_time(lambda: hier(case.naive_counts), reps, device)
         fast_codes, fast_d = hier(case.naive_counts)
         t0 = time.perf_counter()
-        naive_codes, naive_d = naive_hierarchical(model, x, y, distance, case.naive_counts, gen())
+        naive_codes, naive_d = search.reference_hierarchical(model, x, y, distance, case.naive_counts, gen())
         _sync(device)
         naive_time = time.perf_counter() - t0
-        same = all(torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
-                   for a, b in zip(fast_codes, naive_codes))
+        same = all(
+            torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise) for a, b in zip(fast_codes, naive_codes)
+        )
         if device.type == "cpu":  # float32 both: the very same choices
             assert same, "the fast and the naive search chose different codes"
             torch.testing.assert_close(fast_d, naive_d, rtol=1e-4, atol=1e-6)
         else:  # bf16 fast path: a near tie may flip a choice; the distances reached must agree
             assert abs(float(fast_d.mean()) - float(naive_d.mean())) <= 0.1 * float(naive_d.mean()) + 1e-6
-        rows.append(_row(case, "naive search", n * sum(case.naive_counts) / naive_time, "cand/s",
-                         note=f"speed-up x{naive_time / fast_time:.1f}; same codes: {'yes' if same else 'no (bf16)'}",
-                         speedup=naive_time / fast_time, same_codes=same))
+        rows.append(
+            _row(
+                case,
+                "naive search",
+                n * sum(case.naive_counts) / naive_time,
+                "cand/s",
+                note=f"speed-up x{naive_time / fast_time:.1f}; same codes: {'yes' if same else 'no (bf16)'}",
+                speedup=naive_time / fast_time,
+                same_codes=same,
+            )
+        )
 
     if "flat" in only:
         nf = min(n, 2)  # whole codes at full resolution are the costliest candidates: fewer inputs
-        t, flops, mem = _measure(lambda c: search.flat(model, x[:nf], y[:nf], distance, case.flat, gen()),
-                                 device, reps, model)
-        rows.append(_row(case, "search flat", nf * case.flat / t, "cand/s", mem, flops / t, mm_peak,
-                         f"N={nf} x m={case.flat}"))
+        t, flops, mem = _measure(
+            lambda c: search.flat(model, x[:nf], y[:nf], distance, case.flat, gen()), device, reps, model
+        )
+        rows.append(
+            _row(case, "search flat", nf * case.flat / t, "cand/s", mem, flops / t, mm_peak, f"N={nf} x m={case.flat}")
+        )
 
     if "sample" in only:
         xs = torch.rand(case.sample_batch, 3, *case.input_hw, device=device)
         t, flops, mem = _measure(lambda c: generate(model, xs, 1, gen()), device, reps, model)
-        rows.append(_row(case, "sample", case.sample_batch / t, "samples/s", mem, flops / t, mm_peak,
-                         f"batch {case.sample_batch}"))
+        rows.append(
+            _row(
+                case,
+                "sample",
+                case.sample_batch / t,
+                "samples/s",
+                mem,
+                flops / t,
+                mm_peak,
+                f"batch {case.sample_batch}",
+            )
+        )
         t = best_time(lambda: generate(model, xs[:1], 1, gen()), reps, device)
         rows.append(_row(case, "sample latency", t * 1e3, "ms", note="batch 1"))
 
     if "train" in only:
-        task = make_task("sr", scale=2 ** case.levels) if case.name == "sr" else make_task("jpeg")
+        task = make_task("sr", scale=2**case.levels) if case.name == "sr" else make_task("jpeg")
         b = case.train_batch
         xt, yt = torch.rand(b, 3, *case.input_hw, device=device), torch.rand(b, 3, *out_hw, device=device)
         codes = model.sample_codes(b, gen(), input_hw=case.input_hw)
         model.train()
-        mapping = {id(p) for p in model.mapping_parameters()}
-        opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in mapping], "lr": 1e-4},
-                                {"params": model.mapping_parameters(), "lr": 1e-6}])  # as the Trainer's
+        opt = torch.optim.Adam(param_groups(model, 1e-4, 0.01))  # as the Trainer's
 
         def step(fwd):
-            return optimize_step(fwd, opt, task, distance, xt, yt, codes, loss_scale=1 / b)
+            return optimize_step(fwd, opt, xt, yt, codes, distance, to_rgb=task.rgb, loss_scale=1 / b)
 
         t, flops, mem = _measure(lambda c: step(model), device, reps)
         rows.append(_row(case, "train step", b / t, "img/s", mem, flops / t, mm_peak, f"batch {b}"))
@@ -362,8 +392,17 @@ def bench_case(case: Case, device: torch.device, distance, reps: int, mm_peak: f
             else:
                 first = time.perf_counter() - t0
                 ct = best_time(lambda: step(compiled), reps, device)
-                rows.append(_row(case, "train step (compile)", b / ct, "img/s", flops=flops / ct, mm_peak=mm_peak,
-                                 note=f"batch {b}; x{t / ct:.2f} vs eager; first call {first:.0f} s"))
+                rows.append(
+                    _row(
+                        case,
+                        "train step (compile)",
+                        b / ct,
+                        "img/s",
+                        flops=flops / ct,
+                        mm_peak=mm_peak,
+                        note=f"batch {b}; x{t / ct:.2f} vs eager; first call {first:.0f} s",
+                    )
+                )
     return rows
 
 
@@ -388,29 +427,48 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cells = [list(COLUMNS)] + [[_fmt(r.get(k), k) for k in keys] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
     right = {3, 5, 6, 7}
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-             for line in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        for line in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def run(presets: Sequence[str], device: torch.device, *, quick: bool = False, reps: int | None = None,
-        distance: str = "vgg", cases: Sequence[str] = ("sr", "same"),
-        only: Sequence[str] = BENCHMARKS, compile: bool = False,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    presets: Sequence[str],
+    device: torch.device,
+    *,
+    quick: bool = False,
+    reps: int | None = None,
+    distance: str = "vgg",
+    cases: Sequence[str] = ("sr", "same"),
+    only: Sequence[str] = BENCHMARKS,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run the benchmarks; returns {"rows": [...], "device": ..., ...} (what --json writes)."""
-    from .distance import LPIPS
-
     reps = reps or (1 if quick else 3)
     peak, peak_how = matmul_peak(device, quick)
     dist_net = LPIPS(distance).to(device)
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "distance": f"LPIPS-{distance}", "quick": quick, "reps": reps,
-        "matmul_peak_gflops": peak / 1e9, "matmul_peak_how": peak_how, "memory": memory_method(device),
-        "notes": [], "rows": []}
-    log(f"# device {result['device']}, torch {torch.__version__}, {result['distance']}; measured matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s ({peak_how}); memory: {result['memory']}")
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "distance": f"LPIPS-{distance}",
+        "quick": quick,
+        "reps": reps,
+        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_how": peak_how,
+        "memory": memory_method(device),
+        "notes": [],
+        "rows": [],
+    }
+    log(
+        f"# device {result['device']}, torch {torch.__version__}, {result['distance']}; measured matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s ({peak_how}); memory: {result['memory']}"
+    )
     for preset in presets:
         for case in make_cases(preset, device, quick):
             if case.name not in cases:
@@ -426,10 +484,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--presets", help="comma-separated: tiny,small,paper (default tiny,small; + paper on CUDA)")
     p.add_argument("--cases", default="sr,same", help="comma-separated: sr,same")
     p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of the benchmarks")
-    p.add_argument("--distance", choices=["vgg", "alex"], help="LPIPS network (default vgg, as the authors; --quick: alex)")
+    p.add_argument(
+        "--distance", choices=["vgg", "alex"], help="LPIPS network (default vgg, as the authors; --quick: alex)"
+    )
     p.add_argument("--reps", type=int, help="timed repetitions, the best is kept (default 3; --quick: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's); 1 is steadier on a busy machine")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's); 1 is steadier on a busy machine"
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd search and training step")
     p.add_argument("--quick", action="store_true", help="tiny preset, few candidates: a < 30 s smoke run")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -438,8 +500,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parse(sys.argv[1:] if argv is None else argv)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
+    device = torch.device(
+        "cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device
+    )
     notes = []
     if a.presets:
         presets = a.presets.split(",")
@@ -448,8 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         presets = ["tiny", "small"] + (["paper"] if device.type == "cuda" else [])
         if device.type != "cuda":
-            notes.append("paper preset skipped on a CPU (a forward at 512 px takes tens of seconds): pass --presets paper "
-                         "to run it with tiny candidate counts")
+            notes.append(
+                "paper preset skipped on a CPU (a forward at 512 px takes tens of seconds): pass --presets paper "
+                "to run it with tiny candidate counts"
+            )
     for p in presets:
         TowerConfig.preset(p)  # an unknown name fails here, before anything runs
     if "paper" in presets and device.type != "cuda":
@@ -463,8 +528,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a CPU run slows down by orders of magnitude, and one thread gives steadier figures.
         torch.set_num_threads(a.threads)
     try:
-        result = run(presets, device, quick=a.quick, reps=a.reps, distance=a.distance or ("alex" if a.quick else "vgg"),
-                     cases=a.cases.split(","), only=a.only.split(","), compile=a.compile)
+        result = run(
+            presets,
+            device,
+            quick=a.quick,
+            reps=a.reps,
+            distance=a.distance or ("alex" if a.quick else "vgg"),
+            cases=a.cases.split(","),
+            only=a.only.split(","),
+            compile=a.compile,
+        )
     finally:
         torch.set_num_threads(threads)
     result["notes"] += notes

@@ -10,7 +10,7 @@ would pull in cv2 and requests). Install it with
 
 or point `CHIMLE_INCEPTION` (or the `path` argument) at any TorchScript file of the same network.
 
-    from chimle.inception import features
+    from chimle.evaluation.inception import features
     f = features(images)                 # (N, 3, H, W) float in [0, 1] or uint8 -> (N, 2048) numpy
     f = features("photos/", dims=64)     # a folder; cached per folder under ~/.cache/chimle/fid
 
@@ -22,7 +22,7 @@ any image size; skipped when already 299 x 299), scaled (x - 128) / 128, run thr
 Feature sizes, each the spatial mean of one tap: 64 (first block: conv, conv_1, conv_2, pool0),
 192 (after pool1), 768 (after Mixed_6e) and 2048 (the final average pool, the standard FID feature).
 
-`python -m chimle.inception FOLDER [--dims 2048]` prints the feature statistics of a folder.
+`python -m chimle.evaluation.inception FOLDER [--dims 2048]` prints the feature statistics of a folder.
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..data.imageio import default_cache_dir, list_images, load_image
 
 __all__ = ["find_inception", "load_inception", "inception_features", "features", "resize_tf1", "DIMS", "SIZE"]
 
@@ -113,6 +116,7 @@ def resize_tf1(x: Tensor, size: int = SIZE) -> Tensor:
     tensorflow1x`) and torchmetrics feeds its InceptionV3 through it, so the same resize here makes
     the features, and FID/KID, comparable with theirs for images of any size.
     """
+
     def axis(n_in: int) -> tuple[Tensor, Tensor, Tensor]:
         # float32 positions with a float32 scale, as torch-fidelity computes them (bit-for-bit)
         scale = torch.tensor(n_in / size, dtype=torch.float32, device=x.device)
@@ -167,24 +171,23 @@ def _batches(images: Tensor | Sequence[Path], batch_size: int, device: torch.dev
     """Prepared (B, 3, 299, 299) batches of a tensor or of image files."""
     if isinstance(images, Tensor):
         for i in range(0, images.shape[0], batch_size):
-            yield _prepare(images[i:i + batch_size].to(device))
+            yield _prepare(images[i : i + batch_size].to(device))
         return
-    from .imageio import load_image
-
     for i in range(0, len(images), batch_size):
         # Files may differ in size, so each is resized on its own (from its exact 8-bit values).
-        yield torch.cat([_prepare(load_image(p)[None].to(device)) for p in images[i:i + batch_size]])
+        yield torch.cat([_prepare(load_image(p)[None].to(device)) for p in images[i : i + batch_size]])
 
 
 def _compute(net, images, dims: int, batch_size: int, desc: str) -> np.ndarray:
-    from tqdm.auto import tqdm
 
     device = next(net.parameters()).device
     n = images.shape[0] if isinstance(images, Tensor) else len(images)
     steps = (n + batch_size - 1) // batch_size
     with torch.inference_mode():
-        chunks = [_run(net, b, (dims,))[dims].cpu() for b in
-                  tqdm(_batches(images, batch_size, device), total=steps, desc=desc, leave=False, disable=steps <= 3)]
+        chunks = [
+            _run(net, b, (dims,))[dims].cpu()
+            for b in tqdm(_batches(images, batch_size, device), total=steps, desc=desc, leave=False, disable=steps <= 3)
+        ]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dims), np.float32)
 
 
@@ -199,9 +202,14 @@ def _cache_key(files: list[Path], root: Path, dims: int, model: Path) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
-def features(images: Tensor | str | os.PathLike, dims: int = 2048, batch_size: int | None = None,
-             cache_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-             path: str | os.PathLike | None = None) -> np.ndarray:
+def features(
+    images: Tensor | str | os.PathLike,
+    dims: int = 2048,
+    batch_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    path: str | os.PathLike | None = None,
+) -> np.ndarray:
     """InceptionV3 features (N, dims) float32 of a batch or a folder of images.
 
     images: (N, 3, H, W) float in [0, 1], or uint8 in 0..255, any size; or a folder (recursive,
@@ -221,8 +229,6 @@ def features(images: Tensor | str | os.PathLike, dims: int = 2048, batch_size: i
         dev = torch.device(device or images.device)
         net = _load(str(model), str(dev))
         return _compute(net, images, dims, batch_size or _default_batch(dev), "inception")
-    from .imageio import default_cache_dir, list_images
-
     root = Path(images)
     files = list_images(root)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "fid"
@@ -243,7 +249,9 @@ def features(images: Tensor | str | os.PathLike, dims: int = 2048, batch_size: i
 def _main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m chimle.inception", description="InceptionV3 features of a folder")
+    p = argparse.ArgumentParser(
+        prog="python -m chimle.evaluation.inception", description="InceptionV3 features of a folder"
+    )
     p.add_argument("folder")
     p.add_argument("--dims", type=int, default=2048, choices=DIMS)
     a = p.parse_args(argv)

@@ -30,11 +30,13 @@ the scikit-image wheel as a small offline "folder of photos" for demos and tests
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -251,8 +253,11 @@ def list_images(root: PathLike) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
     if not found:
         exts = " ".join(e[1:] for e in IMAGE_EXTENSIONS)
         raise ValueError(f"no images ({exts}) found in '{root}'")
@@ -309,3 +314,15 @@ def builtin_photo_dir(cache_dir: PathLike | None = None) -> Path:
         if not dst.is_file():
             save_image(load_image(src), dst)
     return out
+
+
+def read_csv_columns(path: PathLike) -> dict[str, list[float]]:
+    """A CSV of numbers with a header row (a run's log.csv) as {column: values}; {} if it is missing."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return {}
+    return {k: [float(r[i]) for r in rows[1:] if len(r) > i and r[i] != ""] for i, k in enumerate(rows[0])}

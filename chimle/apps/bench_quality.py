@@ -4,10 +4,10 @@
                             [--flat-max N]
     chimle bench ablation --data TRAIN_DIR --held-out DIR --out DIR [--steps 600] [--preset tiny]
                           [--samples 6] [--crops-per-image 8]
-    python -m chimle.bench_quality efficiency --help      # every option (the same commands)
+    python -m chimle.apps.bench_quality efficiency --help      # every option (the same commands)
 
 `efficiency` measures, on held-out crops and a trained model, how many generated samples flat cIMLE
-needs against hierarchical CHIMLE to reach each LPIPS distance (see `chimle.evaluate.sample_efficiency`).
+needs against hierarchical CHIMLE to reach each LPIPS distance (see `chimle.evaluation.efficiency.sample_efficiency`).
 `ablation` trains the same configuration four times (full CHIMLE, no IC, no IC+PE, no IC+PE+CD =
 cIMLE with as many samples) on the same data, steps and seed, then reports FID and LPIPS to the
 target on held-out crops, side by side, as a JSON, a Markdown table and a bar plot.
@@ -21,15 +21,25 @@ from pathlib import Path
 
 import torch
 
-from .imageio import pyplot, save_figure
+from ..data.dataset import ImageDataset
+from ..data.imageio import pyplot, save_figure
+from ..data.tasks import make_task
+from ..distances.lpips import LPIPS
+from ..evaluation import metrics
+from ..evaluation.efficiency import BUDGETS, level_diagnostics, plot_efficiency, sample_efficiency
+from ..evaluation.evaluate import write_markdown_table
+from ..inference.sample import generate
+from ..inference.weights import load_with_task
+from ..rng import Stream, seeded
+from ..search import ABLATIONS
+from ..training.config import load_config
+from ..training.trainer import Trainer
 
 __all__ = ["main", "run_ablation", "run_efficiency"]
 
 
 def _held_out(task, folder: str | Path, crop: int, levels: int, crops_per_image: int, seed: int = 7):
     """Several deterministic random crops of each held-out photo (few photos -> more crops for FID)."""
-    from .data import ImageDataset
-
     ds = ImageDataset(folder, task, crop=crop, levels=levels, train=True, seed=seed)
     items = []
     for e in range(crops_per_image):
@@ -38,23 +48,28 @@ def _held_out(task, folder: str | Path, crop: int, levels: int, crops_per_image:
     return torch.stack([it["input"] for it in items]), torch.stack([it["target"] for it in items])
 
 
-def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images: int = 8, crop: int | None = None,
-                   device: str = "cpu", budgets: list[int] | None = None, flat_max: int | None = None,
-                   distance: str = "vgg") -> dict:
-    from .checkpoint import load_with_task
-    from .data import make_task
-    from .distance import LPIPS
-    from .evaluate import BUDGETS, level_diagnostics, plot_efficiency, sample_efficiency, write_markdown_table
-
+def run_efficiency(
+    checkpoint: str,
+    data: str,
+    out: str,
+    seeds: int = 10,
+    images: int = 8,
+    crop: int | None = None,
+    device: str = "cpu",
+    budgets: list[int] | None = None,
+    flat_max: int | None = None,
+    distance: str = "vgg",
+) -> dict:
     model, task_cfg = load_with_task(checkpoint, device)
     task = make_task(**task_cfg)
     crop = crop or model.cfg.input_size * task.scale
     x, y = _held_out(task, data, crop, model.cfg.levels, max(1, images // 2))
     x, y = x[:images].to(device), y[:images].to(device)
-    to_rgb = task.output_to_rgb
+    to_rgb = task.rgb
     lpips = LPIPS(distance).to(device)
-    result = sample_efficiency(model, x, y, lpips, seeds=seeds, to_rgb=to_rgb, budgets=budgets or BUDGETS,
-                               flat_max=flat_max)
+    result = sample_efficiency(
+        model, x, y, lpips, seeds=seeds, to_rgb=to_rgb, budgets=budgets or BUDGETS, flat_max=flat_max
+    )
     result["level_diagnostics"] = level_diagnostics(model, x, y, lpips, to_rgb=to_rgb)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,34 +83,59 @@ def run_efficiency(checkpoint: str, data: str, out: str, seeds: int = 10, images
     return result
 
 
-def run_ablation(data: str, held_out: str, out: str, steps: int = 600, preset: str = "tiny", task: str = "sr",
-                 scale: int = 8, crop: int = 64, samples: int = 6, crops_per_image: int = 8,
-                 overrides: list[str] | None = None, device: str = "cpu") -> list[dict]:
-    from . import metrics
-    from .config import load_config
-    from .evaluate import write_markdown_table
-    from .sample import generate
-    from .search import ABLATIONS
-    from .train import Trainer, seeded
-
+def run_ablation(
+    data: str,
+    held_out: str,
+    out: str,
+    steps: int = 600,
+    preset: str = "tiny",
+    task: str = "sr",
+    scale: int = 8,
+    crop: int = 64,
+    samples: int = 6,
+    crops_per_image: int = 8,
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+) -> list[dict]:
     out_dir = Path(out)
     rows = []
     for rung in ABLATIONS:
-        cfg = load_config(overrides=overrides or [], base={
-            "name": rung, "out": str(out_dir / rung), "preset": preset, "data.task": task, "data.scale": scale,
-            "data.crop": crop, "data.data": data, "search.ablation": rung, "train.steps": steps,
-            "train.device": device, "train.sample_every": 0})
+        cfg = load_config(
+            overrides=overrides or [],
+            base={
+                "name": rung,
+                "out": str(out_dir / rung),
+                "preset": preset,
+                "data.task": task,
+                "data.scale": scale,
+                "data.crop": crop,
+                "data.data": data,
+                "search.ablation": rung,
+                "train.steps": steps,
+                "train.device": device,
+                "train.sample_every": 0,
+            },
+        )
         trainer = Trainer(cfg)
         trainer.run()
         x, y = _held_out(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
-        g = seeded(0, 66, device=trainer.device)  # on the model's device, as generate draws there
+        g = seeded(0, Stream.ABLATION, device=trainer.device)  # on the model's device, as generate draws there
         fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()
         with torch.no_grad():
-            d = torch.stack([trainer.distance(fake[k].to(trainer.device), y.to(trainer.device)).cpu()
-                             for k in range(samples)])  # (K, N)
-        rows.append({"ablation": rung, "fid": metrics.fid(y, fake.flatten(0, 1)),
-                     "lpips_best_of_k": float(d.min(0).values.mean()), "lpips_mean": float(d.mean()),
-                     "final_train_loss": trainer.history[-1]["loss"], "images": int(y.shape[0]), "samples": samples})
+            d = torch.stack(
+                [trainer.distance(fake[k].to(trainer.device), y.to(trainer.device)).cpu() for k in range(samples)]
+            )  # (K, N)
+        rows.append(
+            {
+                "ablation": rung,
+                "fid": metrics.fid(y, fake.flatten(0, 1)),
+                "lpips_best_of_k": float(d.min(0).values.mean()),
+                "lpips_mean": float(d.mean()),
+                "final_train_loss": trainer.last["loss"],
+                "images": int(y.shape[0]),
+                "samples": samples,
+            }
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
     write_markdown_table(rows, out_dir / "ablation.md")
@@ -138,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--images", type=int, default=8)
     e.add_argument("--crop", type=int, default=None)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--budgets", type=_ints, default=None, metavar="M1,M2,...",
-                   help="CHIMLE candidates per level (default 1,2,4,8,16,32)")
+    e.add_argument(
+        "--budgets",
+        type=_ints,
+        default=None,
+        metavar="M1,M2,...",
+        help="CHIMLE candidates per level (default 1,2,4,8,16,32)",
+    )
     e.add_argument("--flat-max", type=int, default=None, help="cIMLE codes per image (default 16 * L * max budget)")
     e.add_argument("--distance", choices=["vgg", "alex"], default="vgg", help="LPIPS backbone (papers: vgg)")
     a = sub.add_parser("ablation", help="train full / no IC / no IC+PE / no IC+PE+CD and compare")
@@ -157,13 +202,35 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.which == "efficiency":
-        run_efficiency(args.checkpoint, args.data, args.out, args.seeds, args.images, args.crop, args.device,
-                       args.budgets, args.flat_max, args.distance)
+        run_efficiency(
+            args.checkpoint,
+            args.data,
+            args.out,
+            args.seeds,
+            args.images,
+            args.crop,
+            args.device,
+            args.budgets,
+            args.flat_max,
+            args.distance,
+        )
     else:
-        run_ablation(args.data, args.held_out, args.out, args.steps, args.preset, args.task, args.scale, args.crop,
-                     samples=args.samples, crops_per_image=args.crops_per_image, overrides=args.set, device=args.device)
+        run_ablation(
+            args.data,
+            args.held_out,
+            args.out,
+            args.steps,
+            args.preset,
+            args.task,
+            args.scale,
+            args.crop,
+            samples=args.samples,
+            crops_per_image=args.crops_per_image,
+            overrides=args.set,
+            device=args.device,
+        )
     return 0
 
 
-if __name__ == "__main__":  # `python -m chimle.bench_quality efficiency --help` shows every option
+if __name__ == "__main__":  # `python -m chimle.apps.bench_quality efficiency --help` shows every option
     raise SystemExit(main())

@@ -8,6 +8,8 @@
     chimle export CHECKPOINT OUT.safetensors
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
     chimle bench speed|efficiency|ablation ...
+    chimle mnist [--out DIR] [--steps N]
+    chimle presets
 
 Bad input ends with one line on stderr naming the file or key and the problem (exit code 2),
 never a traceback from deep inside torch; CHIMLE_DEBUG=1 shows the traceback.
@@ -20,25 +22,33 @@ import os
 import sys
 from pathlib import Path
 
+from ..data.tasks import TASKS, make_task
+from ..inference.files import sample_paths
+from ..inference.weights import export, load_with_task
+from ..model import PRESETS, TowerConfig, TowerModel
+from ..search import ABLATIONS
+from ..training.config import METHODS, load_config
+from ..training.trainer import train
+
 __all__ = ["main"]
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a tower on a folder of photos")
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--task", choices=["sr", "colorize", "jpeg", "paired", "night"])
+    p.add_argument("--task", choices=list(TASKS))
     p.add_argument("--data", help="folder of training photos ('builtin' = scikit-image's); paired: the inputs")
     p.add_argument("--target", help="paired task: folder of target images matched by file name")
     p.add_argument("--val-data", help="folder of held-out photos for sample grids")
     p.add_argument("--scale", type=int, help="sr: upscaling factor 2^levels")
     p.add_argument("--quality", type=int, help="jpeg: JPEG quality of the inputs")
     p.add_argument("--crop", type=int, help="training crop side at the target resolution")
-    p.add_argument("--preset", choices=["tiny", "small", "paper"])
+    p.add_argument("--preset", choices=list(PRESETS))
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--name", help="run name")
     p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--method", choices=["chimle", "cimle"])
-    p.add_argument("--ablation", choices=["full", "no_ic", "no_ic_pe", "no_ic_pe_cd"])
+    p.add_argument("--method", choices=list(METHODS))
+    p.add_argument("--ablation", choices=list(ABLATIONS))
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
@@ -47,46 +57,63 @@ def _train_parser(sub) -> None:
 
 
 def _train_base(a) -> dict:
-    flags = {"data.task": a.task, "data.data": a.data, "data.target": a.target, "data.val_data": a.val_data,
-             "data.scale": a.scale, "data.quality": a.quality, "data.crop": a.crop, "preset": a.preset,
-             "out": a.out, "name": a.name, "train.steps": a.steps, "search.method": a.method,
-             "search.ablation": a.ablation, "train.device": a.device, "train.seed": a.seed,
-             "data.skip_bad": True if a.skip_bad else None}
+    flags = {
+        "data.task": a.task,
+        "data.data": a.data,
+        "data.target": a.target,
+        "data.val_data": a.val_data,
+        "data.scale": a.scale,
+        "data.quality": a.quality,
+        "data.crop": a.crop,
+        "preset": a.preset,
+        "out": a.out,
+        "name": a.name,
+        "train.steps": a.steps,
+        "search.method": a.method,
+        "search.ablation": a.ablation,
+        "train.device": a.device,
+        "train.seed": a.seed,
+        "data.skip_bad": True if a.skip_bad else None,
+    }
     return {k: v for k, v in flags.items() if v is not None}
 
 
 def cmd_train(a) -> int:
-    from .config import load_config
-    from .train import train
-
     cfg = load_config(a.config, a.set, base=_train_base(a))
     t = train(cfg, resume=a.resume)
-    if t.history:
-        print(f"trained {t.step} steps, last loss {t.history[-1]['loss']:.4f}; checkpoint: {t.checkpoint_path}")
+    if t.last:
+        print(f"trained {t.step} steps, last loss {t.last['loss']:.4f}; checkpoint: {t.checkpoint_path}")
     return 0
 
 
 def cmd_sample(a) -> int:
-    from .sample import sample_paths
-
-    written = sample_paths(a.checkpoint, a.input, a.num, a.out, seed=a.seed, from_level=a.from_level,
-                           same_code=a.same_code, interpolate_steps=a.steps if a.interpolate else 0,
-                           degrade=a.degrade, device=a.device, tile=a.tile, overlap=a.overlap,
-                           memory_budget=a.memory_budget)
+    written = sample_paths(
+        a.checkpoint,
+        a.input,
+        a.num,
+        a.out,
+        seed=a.seed,
+        from_level=a.from_level,
+        same_code=a.same_code,
+        interpolate_steps=a.steps if a.interpolate else 0,
+        degrade=a.degrade,
+        device=a.device,
+        tile=a.tile,
+        overlap=a.overlap,
+        memory_budget=a.memory_budget,
+    )
     grids = [p for p in written if p.name.endswith("_grid.png")]
     print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")
     return 0
 
 
 def cmd_export(a) -> int:
-    from .checkpoint import export
-
     print(f"exported {export(a.checkpoint, a.out)}")
     return 0
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # the apps are imported only by the command that runs them
 
     grid = run_demo(a.out, steps=a.steps, device=a.device)
     print(f"demo grid: {grid}")
@@ -94,18 +121,26 @@ def cmd_demo(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .checkpoint import load_with_task
-    from .data import make_task
-    from .evaluate import evaluate
+    from ..evaluation.evaluate import evaluate  # heavy (scipy, the Inception loader): only when asked
 
     model, task_cfg = load_with_task(a.checkpoint, a.device)
     if not task_cfg:
         raise ValueError(f"'{a.checkpoint}' holds no task configuration; evaluation needs the task")
     ivo = {k: getattr(a, k) for k in ("ivo_runs", "ivo_steps", "ivo_images") if getattr(a, k) is not None}
-    result = evaluate(model, make_task(**task_cfg), a.data, num_samples=a.num, out_dir=a.out, crop=a.crop,
-                      seed=a.seed, max_images=a.max_images, **ivo)
-    print(f"metrics of {result['images']} images x {result['samples_per_input']} samples: "
-          f"{Path(a.out) / 'metrics.json'}")
+    result = evaluate(
+        model,
+        make_task(**task_cfg),
+        a.data,
+        num_samples=a.num,
+        out_dir=a.out,
+        crop=a.crop,
+        seed=a.seed,
+        max_images=a.max_images,
+        **ivo,
+    )
+    print(
+        f"metrics of {result['images']} images x {result['samples_per_input']} samples: {Path(a.out) / 'metrics.json'}"
+    )
     for k in ("fid", "kid", "fwv_0.2", "lpips_diversity", "prd_f8", "prd_f1_8", "ivo_mean"):
         if k in result:
             print(f"  {k}: {result[k]:.6g}")
@@ -116,7 +151,7 @@ def cmd_eval(a) -> int:
 
 def cmd_bench(a, rest: list[str]) -> int:
     if a.which == "speed":
-        from .benchmark import main as speed_main
+        from .bench_speed import main as speed_main
 
         return speed_main(rest)
     from .bench_quality import main as quality_main
@@ -125,15 +160,18 @@ def cmd_bench(a, rest: list[str]) -> int:
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
-    from .model import print_presets
-
-    print_presets()
+    """Every preset's parameter count, in total and per level."""
+    for name in PRESETS:
+        model = TowerModel(TowerConfig.preset(name))
+        per_level = ", ".join(f"{model.num_parameters(l) / 1e6:.2f}" for l in range(1, model.cfg.levels + 1))
+        print(f"{name:6s} {model.num_parameters() / 1e6:8.2f} M parameters (per level: {per_level} M)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chimle", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="chimle", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
 
@@ -176,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ivo-images", type=int, help="images used for IvO (default: all)")
 
     sub.add_parser("presets", help="print the model presets' parameter counts")
+    sub.add_parser("mnist", add_help=False, help="the MNIST illustration of the TIM paper (Fig. 1); see --help")
 
     # `bench` hands everything after its name (--help included) to the benchmark's own parser.
     p = sub.add_parser("bench", add_help=False, help="benchmarks: speed | efficiency | ablation (see --help of each)")
@@ -187,13 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
-    if rest and a.command != "bench":
+    if rest and a.command not in ("bench", "mnist"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "demo": cmd_demo, "eval": cmd_eval,
-                "presets": cmd_presets}
+    commands = {
+        "train": cmd_train,
+        "sample": cmd_sample,
+        "export": cmd_export,
+        "demo": cmd_demo,
+        "eval": cmd_eval,
+        "presets": cmd_presets,
+    }
     try:
         if a.command == "bench":
             return cmd_bench(a, rest)
+        if a.command == "mnist":
+            from .mnist import main as mnist_main
+
+            mnist_main(rest)
+            return 0
         return commands[a.command](a)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         if os.environ.get("CHIMLE_DEBUG"):

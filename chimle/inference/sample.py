@@ -1,0 +1,138 @@
+"""Sampling: many different outputs per input, sample grids, and the papers' latent-code tricks.
+
+At test time every level's component is drawn independently (CHIMLE Sect. 2.2). Options:
+  from_level=k   keep the components of levels < k fixed and redraw levels >= k, so coarse content
+                 stays and finer detail varies (CHIMLE appendix Fig. 9: local vs global variation);
+  same_code      one code for every input: a consistent "style" across inputs (cIMLE Fig. 12); in
+                 `sample_paths` every file replays the same draws, so sample k shares its code;
+  interpolate    a sequence of outputs between two codes (cIMLE Fig. 11).
+
+    samples = generate(model, x, num=8, generator=torch.Generator().manual_seed(0), task=task)
+    frames = interpolate(model, x, steps=16, generator=g, task=task)
+
+Grids and files: `chimle.inference.figures`, `chimle.inference.files` (`chimle sample`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .. import latent
+from ..data.tasks import Task
+from ..latent import Codes
+from ..model import TowerModel
+from .tiling import tiled_forward
+
+__all__ = ["generate", "interpolate", "redraw_from", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in the mode it was in (a training loop that
+    draws sample grids must not find its model switched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def redraw_from(
+    model: TowerModel, codes: Codes, level: int, generator: torch.Generator | None, input_hw: tuple[int, int]
+) -> Codes:
+    """`codes` with the components of levels >= `level` redrawn (levels < `level` unchanged)."""
+    layout = model.latent_layout(input_hw)
+    n = codes[0].style.shape[0]
+    out = list(codes)
+    for l in range(level, model.cfg.levels + 1):
+        out = latent.replace(out, l, layout.sample_level(l, n, generator, model.device))
+    return out
+
+
+@torch.inference_mode()
+def generate(
+    model: TowerModel,
+    x: Tensor,
+    num: int,
+    generator: torch.Generator | None = None,
+    *,
+    task: Task | None = None,
+    from_level: int | None = None,
+    base_codes: Codes | None = None,
+    same_code: bool = False,
+    all_levels: bool = False,
+    tile: int | None = None,
+    overlap: int | None = None,
+) -> Tensor:
+    """`num` samples per input: (num, N, 3, H, W) RGB in [0, 1] (or every level's, if all_levels).
+
+    from_level with base_codes: redraw only levels >= from_level of base_codes (default: one fresh
+    code per input, shared by all samples). same_code: sample k uses one code for every input.
+    tile: run the tower tile by tile (`chimle.tiling`, tiles of `tile` input px overlapping by
+    `overlap`, default tile // 4) so that large images fit in memory; last level only. The codes are
+    the same as untiled, so a tiled sample matches its untiled twin away from the seams.
+    `task.rgb` turns outputs into RGB (colourisation); without a task they are returned as they are.
+    The model runs in eval mode and is left in the mode it was in.
+    """
+    n, hw = x.shape[0], tuple(x.shape[-2:])
+    x = x.to(model.device)
+    if from_level is not None and not 1 <= from_level <= model.cfg.levels:
+        raise ValueError(f"from_level must be in 1..{model.cfg.levels}, got {from_level}")
+    if tile is not None and all_levels:
+        raise ValueError("tiled sampling returns the last level only (all_levels=False)")
+    if from_level is not None and base_codes is None:
+        base_codes = model.sample_codes(n, generator, input_hw=hw)
+    with eval_mode(model):
+        results = []
+        for _ in range(num):
+            if from_level is not None:
+                codes = redraw_from(model, base_codes, from_level, generator, hw)
+            elif same_code:
+                codes = latent.repeat(model.sample_codes(1, generator, input_hw=hw), n)
+            else:
+                codes = model.sample_codes(n, generator, input_hw=hw)
+            if tile is not None:
+                outs = [tiled_forward(model, x, codes, tile, tile // 4 if overlap is None else overlap)]
+            else:
+                outs = model(x, codes)
+            outs = [o if task is None else task.rgb(o, x) for o in outs]
+            results.append(outs if all_levels else outs[-1])
+        if all_levels:
+            return [torch.stack([r[l] for r in results]) for l in range(len(results[0]))]
+        return torch.stack(results)
+
+
+@torch.inference_mode()
+def interpolate(
+    model: TowerModel,
+    x: Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+    *,
+    task: Task | None = None,
+    codes: tuple[Codes, Codes] | None = None,
+) -> Tensor:
+    """Outputs along the straight line between two codes: (steps, N, 3, H, W)."""
+    hw = tuple(x.shape[-2:])
+    a, b = (
+        codes
+        if codes is not None
+        else (
+            model.sample_codes(x.shape[0], generator, input_hw=hw),
+            model.sample_codes(x.shape[0], generator, input_hw=hw),
+        )
+    )
+    za, zb = latent.flatten(a), latent.flatten(b)
+    layout = model.latent_layout(hw)
+    x = x.to(model.device)
+    frames = []
+    with eval_mode(model):
+        for t in torch.linspace(0, 1, steps).tolist():
+            out = model(x, latent.unflatten((1 - t) * za + t * zb, layout))[-1]
+            frames.append(out if task is None else task.rgb(out, x))
+    return torch.stack(frames)

@@ -1,0 +1,65 @@
+"""The training loss of TIM / CHIMLE and the contract every distance follows.
+
+Intermediate supervision (TIM Sect. 4.1, CHIMLE Sect. 2.3): every level's output is compared with
+the target downsampled to that level, and the loss is the unweighted sum over levels,
+
+    L(theta) = sum_l d(y~_l, resize(y, size_l))        (+ an optional pixel L1 per level)
+
+with d the same distance the latent search minimises (LPIPS-VGG in the papers).
+
+    losses = level_losses(outs, x, y, chimle.LPIPS("vgg"), to_rgb=task.rgb)    # (N, L)
+    losses.sum(1).mean().backward()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .resample import resize
+
+__all__ = ["Distance", "FeatureDistance", "ToRGB", "level_losses", "l2"]
+
+# (model output at some level, the input at full resolution) -> RGB image in [0, 1] at the output's size.
+# Identity for RGB tasks; colourisation composes the predicted ab with the input's L (`Task.rgb`).
+ToRGB = Callable[[Tensor, Tensor], Tensor]
+
+
+class Distance(Protocol):
+    """d(a, b) -> (N,) for images a, b (N, 3, H, W) in [0, 1] (b may have batch 1)."""
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class FeatureDistance(Protocol):
+    """A distance that can embed an image once and compare embeddings: the search computes the
+    targets' features once per level instead of once per chunk of candidates."""
+
+    def features(self, x: Tensor) -> list[Tensor]: ...
+
+    def distance_from_features(self, fa: list[Tensor], fb: list[Tensor]) -> Tensor: ...
+
+
+def l2(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared pixel error per image, (N,): the distance of the TIM paper's MNIST illustration,
+    where it equals the L2 distance in PCA coordinates."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def level_losses(
+    outs: list[Tensor], x: Tensor, y: Tensor, distance: Distance, to_rgb: ToRGB | None = None, pixel_weight: float = 0.0
+) -> Tensor:
+    """Per-level losses (N, L): d(level output as RGB, target resized to the level) [+ w * L1]."""
+    per_level = []
+    for out in outs:
+        rgb = (out if to_rgb is None else to_rgb(out, x)).float()
+        target = resize(y, tuple(out.shape[-2:]))
+        d = distance(rgb, target)
+        if pixel_weight:
+            d = d + pixel_weight * (rgb - target).abs().flatten(1).mean(1)
+        per_level.append(d)
+    return torch.stack(per_level, 1)

@@ -1,0 +1,63 @@
+"""Memory arithmetic: how many candidates (or image rows) a step can run at once within a byte budget.
+
+The search runs candidates in chunks and tiled inference picks its tile side from the same estimate
+of a tower's activation memory, so one budget (`search.memory_budget`, `--memory-budget`) governs both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import TowerModel
+
+__all__ = ["parse_bytes", "default_budget", "bytes_per_row", "chunk_rows"]
+
+
+def parse_bytes(budget: int | str) -> int:
+    """'512MB', '4GiB', '2G' or an int -> bytes."""
+    if isinstance(budget, (int, float)):
+        return int(budget)
+    s = budget.strip().upper().replace("IB", "B")
+    for unit, mult in (
+        ("TB", 2**40),
+        ("GB", 2**30),
+        ("MB", 2**20),
+        ("KB", 2**10),
+        ("T", 2**40),
+        ("G", 2**30),
+        ("M", 2**20),
+        ("K", 2**10),
+        ("B", 1),
+    ):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(float(s))
+
+
+def default_budget(device: torch.device) -> int:
+    """Half the free GPU memory, or 2 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 2 * 2**30
+
+
+def bytes_per_row(model: TowerModel, levels: range, input_hw: tuple[int, int]) -> int:
+    """Estimated peak bytes per candidate (or image) when running `levels` and the distance under no_grad.
+
+    Under no_grad only a few activations live at once; the widest is a dense block's concatenation
+    (nf + 4 gc channels). The factor 6 covers it, its neighbours and the distance network's features.
+    """
+    cfg, per_row = model.cfg, 0
+    elem = 2 if model.device.type == "cuda" else 4
+    outs = cfg.output_sizes(*input_hw)
+    for l in levels:
+        h, w = outs[l - 1]
+        nf, gc = cfg.channels[l - 1], cfg.growth[l - 1]
+        per_row = max(per_row, elem * h * w * (6 * (nf + 4 * gc) + 2 * 64 * 3))
+    return max(per_row, 1)
+
+
+def chunk_rows(model: TowerModel, levels: range, input_hw: tuple[int, int], budget: int) -> int:
+    """How many candidates fit in `budget` bytes when running `levels` and the distance on them (>= 1)."""
+    return max(1, budget // bytes_per_row(model, levels, input_hw))

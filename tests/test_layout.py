@@ -1,0 +1,139 @@
+"""The package's floors: no import cycles, no lower floor importing a higher one, no application
+imported by the library, and `import chimle` loads no application or optional extra."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1] / "chimle"
+# floor of each top-level part of the package; a module may import only its own floor or lower ones
+FLOORS = {
+    "rng": 0,
+    "resample": 0,
+    "latent": 0,
+    "loss": 0,
+    "model": 1,
+    "memory": 1,
+    "search": 2,
+    "distances": 2,
+    "data": 3,
+    "inference": 4,
+    "training": 5,
+    "evaluation": 6,
+    "apps": 7,
+    "__init__": 8,
+    "__main__": 8,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """chimle modules imported anywhere in the file (top level or inside functions), resolved to full names."""
+    tree, name = ast.parse(path.read_text()), module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("chimle")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("chimle"):
+                if node.module:  # `from .. import latent` imports chimle.latent, not chimle's own contents
+                    found.add(mod)
+                found |= {f"{mod}.{a.name}" for a in node.names}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in ROOT.rglob("*.py")}
+    return {m: {i for i in imports(p) if i in files and i != m} for m, p in files.items()}
+
+
+def part(module: str) -> str:
+    return module.split(".")[1] if "." in module else "__init__"
+
+
+def test_floors_are_respected():
+    bad = [
+        f"{m} -> {i}"
+        for m, deps in graph().items()
+        for i in deps
+        if FLOORS[part(i)] > FLOORS[part(m)] and part(m) != "__init__"
+    ]
+    assert not bad, "lower floor imports a higher one: " + ", ".join(sorted(bad))
+    everything = set(graph())
+    assert {part(m) for m in everything} <= set(FLOORS), sorted({part(m) for m in everything} - set(FLOORS))
+
+
+def test_no_import_cycles():
+    g = graph()
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in g[m]:
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
+            if d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in g:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_apps_are_imported_only_by_apps_and_main():
+    users = [
+        f"{m} -> {i}"
+        for m, deps in graph().items()
+        for i in deps
+        if part(i) == "apps" and part(m) not in ("apps", "__main__")
+    ]
+    assert not users, users
+
+
+def test_import_chimle_loads_no_application_or_extra():
+    code = (
+        "import sys, chimle; print(sorted(m for m in sys.modules if m.startswith('chimle.apps') "
+        "or m.split('.')[0] in ('tensorboard', 'gradio', 'matplotlib', 'scipy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_the_checker_finds_a_cycle_and_a_floor_violation(tmp_path, monkeypatch):
+    """The walk above can fail: a fake package with a cycle and an upward import is caught."""
+    pkg = tmp_path / "chimle"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "__init__.py").write_text("")
+    (pkg / "model.py").write_text("from .data import tasks\n")
+    (pkg / "data" / "tasks.py").write_text("from ..model import X\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    g = graph()
+    assert "chimle.data.tasks" in g["chimle.model"] and "chimle.model" in g["chimle.data.tasks"]
+    try:
+        test_floors_are_respected()
+    except AssertionError as e:
+        assert "chimle.model -> chimle.data" in str(e)
+    else:
+        raise AssertionError("the upward import was not caught")
+    try:
+        test_no_import_cycles()
+    except AssertionError as e:
+        assert "import cycle" in str(e)
+    else:
+        raise AssertionError("the cycle was not caught")
