@@ -29,14 +29,16 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import latent
 from .latent import Codes
-from .loss import Distance, ToRGB
+from .loss import Distance, FeatureDistance, ToRGB
 from .memory import chunk_rows, default_budget, parse_bytes
 from .model import LevelState, TowerModel
 from .resample import resize
@@ -53,6 +55,9 @@ __all__ = [
     "ABLATION_SWITCHES",
     "Distance",
     "ToRGB",
+    "LevelCost",
+    "level_costs",
+    "search_cost",
 ]
 
 
@@ -248,6 +253,71 @@ def flat(
             picks.append(best)
         chosen = latent.index(codes, torch.arange(n, device=sc.device) * num_samples + best)
     return _detach(chosen), d.gather(1, best[:, None])[:, 0].float().clone()
+
+
+class LevelCost(NamedTuple):
+    """Work per candidate at one level, in FLOPs (convolutions and matmuls, `torch.utils.flop_counter`)."""
+
+    step: float  # running level l on top of the state its prefix left (partial evaluation)
+    distance: float  # the distance at level l, the candidate's side only (a search embeds the target once)
+
+
+@torch.no_grad()
+def level_costs(
+    model: TowerModel, input_hw: tuple[int, int], distance: Distance, to_rgb: ToRGB | None = None
+) -> list[LevelCost]:
+    """FLOPs of each level's step and of the distance at that level, for one candidate of an input of
+    `input_hw`: the unit of `search_cost`. Counted on one forward of batch 1 (per-candidate work
+    scales linearly with the batch); the weight-norm recomputation and the targets' embeddings are
+    per search, not per candidate, and are left out."""
+    x = torch.rand(1, model.cfg.in_channels, *input_hw, device=model.device)
+    codes = model.sample_codes(1, input_hw=input_hw)
+    costs, state = [], model.initial_state(x)
+    with parametrize.cached():
+        for l, z in enumerate(codes, 1):
+            with FlopCounterMode(display=False) as step:
+                state = model.step(l, state, z)
+            out = state.output if to_rgb is None else to_rgb(state.output, x)
+            target = torch.rand_like(out.float())
+            if isinstance(distance, FeatureDistance):
+                ft = distance.features(target)
+                with FlopCounterMode(display=False) as dist:
+                    distance.distance_from_features(distance.features(out.float()), ft)
+            else:
+                with FlopCounterMode(display=False) as dist:
+                    distance(out.float(), target)
+            costs.append(LevelCost(float(step.get_total_flops()), float(dist.get_total_flops())))
+    return costs
+
+
+def search_cost(
+    costs: Sequence[LevelCost],
+    samples_per_level: Sequence[int] | None = None,
+    *,
+    num_samples: int | None = None,
+    iterative: bool = True,
+    partial: bool = True,
+) -> float:
+    """The work of one search for one input in *full-forward equivalents*: one unit is what judging one
+    whole code costs (all L steps + the distance on the final output), so `flat` with n codes costs n.
+
+    `hierarchical` (Algorithm 1) runs, for each of the m_l candidates of level l, only level l on top
+    of the cached prefix plus the distance at level l, then advances the chosen prefix once; with m at
+    every level that is m x (1 + the distances at levels 1..L-1 as a share of a full forward) plus the
+    L-1 prefix steps. Without iterative combination ("no IC") a candidate runs levels 1..l; without
+    partial evaluation ("no PE") it runs on to level L and is judged there.
+    """
+    full = sum(c.step for c in costs) + costs[-1].distance
+    if num_samples is not None:
+        return float(num_samples)
+    levels, total = len(costs), 0.0
+    for l, m in enumerate(samples_per_level, 1):
+        last = l if partial else levels
+        run = range(l if iterative else 1, last + 1)
+        total += m * (sum(costs[k - 1].step for k in run) + costs[last - 1].distance)
+        if iterative and l < levels:
+            total += costs[l - 1].step  # the chosen z*_l advances the prefix once
+    return total / full
 
 
 # The ablation ladder of CHIMLE Fig. 7, each a strict removal from the previous one; the switches

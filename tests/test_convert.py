@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,25 +63,47 @@ def _reference_json() -> dict | None:
 
 
 def _digest(shapes: dict) -> str:
-    return hashlib.sha256(json.dumps({k: list(v) for k, v in shapes.items()}, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({k: list(v) for k, v in shapes.items()}, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def paper_cfg(task: str) -> TowerConfig:
     """The configuration the paper-size checkpoints must be inferred as (REFERENCE.md's TIM table)."""
-    return TowerConfig(levels=4, layout="upscale" if task == "sr" else "same", in_channels=1 if task == "colorize" else 3,
-                       out_channels=2 if task == "colorize" else 3, channels=(128, 64, 64, 64),
-                       growth=(256, 192, 128, 64), blocks=6, code_dim=128, noise_channels=5, mapping_width=512,
-                       mapping_layers=8, input_size=32 if task == "sr" else 256,
-                       feedback="tanh" if task == "sr" else "image", final_convs=task == "colorize",
-                       output_mode="ab_times_l" if task == "colorize" else "tanh01")
+    return TowerConfig(
+        levels=4,
+        layout="upscale" if task == "sr" else "same",
+        in_channels=1 if task == "colorize" else 3,
+        out_channels=2 if task == "colorize" else 3,
+        channels=(128, 64, 64, 64),
+        growth=(256, 192, 128, 64),
+        blocks=6,
+        code_dim=128,
+        noise_channels=5,
+        mapping_width=512,
+        mapping_layers=8,
+        input_size=32 if task == "sr" else 256,
+        feedback="tanh" if task == "sr" else "image",
+        final_convs=task == "colorize",
+        output_mode="ab_times_l" if task == "colorize" else "tanh01",
+    )
 
 
 def tiny_cfg(task: str, levels: int = 3) -> TowerConfig:
     """The paper's layout shrunk consistently: every size smaller, every key and rule the same."""
     cfg = paper_cfg(task)
-    return TowerConfig(**{**cfg.__dict__, "levels": levels, "channels": (6, 5, 4, 4)[:levels],
-                          "growth": (5, 4, 3, 3)[:levels], "blocks": 2, "code_dim": 4, "noise_channels": 2,
-                          "mapping_width": 8})
+    return TowerConfig(
+        **{
+            **cfg.__dict__,
+            "levels": levels,
+            "channels": (6, 5, 4, 4)[:levels],
+            "growth": (5, 4, 3, 3)[:levels],
+            "blocks": 2,
+            "code_dim": 4,
+            "noise_channels": 2,
+            "mapping_width": 8,
+        }
+    )
 
 
 def authors_checkpoint(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -161,8 +184,11 @@ def test_round_trip_through_the_authors_layout(variant):
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     dropped = [a for a, c in key_map(model.cfg, variant).items() if c is None]
     # Only the generic variant has keys it never uses: the last level's upsampler.
-    assert dropped == ([f"level_3_up.{i}.{p}" for i in (1, 3) for p in ("bias", "weight_g", "weight_v")]
-                       if variant == "generic" else [])
+    assert dropped == (
+        [f"level_3_up.{i}.{p}" for i in (1, 3) for p in ("bias", "weight_g", "weight_v")]
+        if variant == "generic"
+        else []
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,10 +199,16 @@ def _save_layout(sd: dict, layout: str, path: Path) -> Path:
     if layout == "module":  # nn.DataParallel
         sd = {f"module.{k}": v for k, v in sd.items()}
     if layout == "training":  # their latest.tar
-        opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
-               "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
-        sd = {"data_idx": 7, "iteration": 1234, "model_state_dict": {f"module.{k}": v for k, v in sd.items()},
-              "optimizer_state_dict": opt}
+        opt = {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}],
+        }
+        sd = {
+            "data_idx": 7,
+            "iteration": 1234,
+            "model_state_dict": {f"module.{k}": v for k, v in sd.items()},
+            "optimizer_state_dict": opt,
+        }
     torch.save(sd, path)
     return path
 
@@ -215,8 +247,9 @@ def test_cli_convert_and_sample(tmp_path, capsys):
     assert cmd_convert(args) == 0
     assert "3 levels" in capsys.readouterr().out
     save_image(torch.rand(3, 10, 12), tmp_path / "in.png")
-    written = sample_paths(tmp_path / "sr.safetensors", tmp_path / "in.png", 1, tmp_path / "out", tile=6,
-                           progress=False)
+    written = sample_paths(
+        tmp_path / "sr.safetensors", tmp_path / "in.png", 1, tmp_path / "out", tile=6, progress=False
+    )
     assert any(p.name == "in_000.png" for p in written)
 
 
@@ -244,8 +277,9 @@ def test_malformed_checkpoints_get_one_line(tmp_path):
 
     wrong = dict(sd)
     wrong["level_2_style.sub.0.RDB2.conv3.0.weight_v"] = torch.zeros(4, 7, 3, 3)
-    assert "key 'level_2_style.sub.0.RDB2.conv3.0.weight_v' has shape (4, 7, 3, 3), expected (4, 13, 3, 3)" in \
-        _error(wrong)
+    assert "key 'level_2_style.sub.0.RDB2.conv3.0.weight_v' has shape (4, 7, 3, 3), expected (4, 13, 3, 3)" in _error(
+        wrong
+    )
 
     extra = {**sd, "level_1_style.sub.9.RDB1.conv1.0.bias": torch.zeros(5)}
     assert "unexpected key 'level_1_style.sub.9.RDB1.conv1.0.bias'" in _error(extra)
@@ -256,15 +290,26 @@ def test_malformed_checkpoints_get_one_line(tmp_path):
     # A colourisation checkpoint is not an SR one, and the other way round.
     assert "has 2 output channels; --task sr needs 3" in _error(_tiny_sd("colorize"), "sr")
     assert "has 3 output channels; --task colorize needs 2" in _error(sd, "colorize")
-    no_upsampler = {k.replace("level_3_up.1.", "level_3_up.0.").replace("level_3_up.3.", "level_3_up.2."): v
-                    for k, v in sd.items()}
+    no_upsampler = {
+        k.replace("level_3_up.1.", "level_3_up.0.").replace("level_3_up.3.", "level_3_up.2."): v for k, v in sd.items()
+    }
     assert "missing key 'level_3_up.1.weight_v' (--task sr); it has 'level_3_up.0.weight_v'" in _error(no_upsampler)
     with pytest.raises(ValueError, match="unknown task 'deblur'"):
         from_authors(sd, "deblur")
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint\n")
-    for path, expect in ((text, "is not a readable PyTorch checkpoint"), (tmp_path / "nope.pth", "does not exist")):
+    truncated = tmp_path / "truncated.pth"
+    torch.save(sd, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    pickled = tmp_path / "object.pth"
+    torch.save({"weights": sd, "options": argparse.Namespace(lr=1e-4)}, pickled)
+    for path, expect in (
+        (text, "is not a PyTorch checkpoint"),
+        (tmp_path / "nope.pth", "does not exist"),
+        (truncated, "is not a readable PyTorch checkpoint"),
+        (pickled, "holds an object of argparse.Namespace; the authors' checkpoints hold only tensors"),
+    ):
         with pytest.raises(CheckpointError, match=expect) as e:
             convert(path, tmp_path / "x.safetensors", "sr")
         assert "\n" not in str(e.value)
@@ -304,8 +349,7 @@ def test_weight_norm_mapping_keeps_the_effective_weights():
             legacy.weight_v.copy_(v)
             legacy(torch.zeros(1, v.shape[1], 3, 3))  # its forward pre-hook recomputes .weight
         assert torch.equal(conv.weight, legacy.weight)
-        torch.testing.assert_close(conv.weight, g * v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1), rtol=1e-6,
-                                   atol=0)
+        torch.testing.assert_close(conv.weight, g * v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1), rtol=1e-6, atol=0)
         assert torch.equal(conv.bias, sd[f"{a}.bias"])
 
 
@@ -355,15 +399,18 @@ def _lrelu(x):
     return F.leaky_relu(x, 0.2)
 
 
-def authors_forward(sd: dict, variant: str, inputs: list, codes: list, map_nc: int, code_nc: int, num_blocks: int,
-                    map_layers: int = 8) -> list:
+def authors_forward(
+    sd: dict, variant: str, inputs: list, codes: list, map_nc: int, code_nc: int, num_blocks: int, map_layers: int = 8
+) -> list:
     """Their TIM forward: `inputs` are the level inputs (SR: only the first is read), `codes` their flat
     per-level codes. Returns their outputs: (t + 1) / 2, or colourisation's cat(L, t)."""
     outputs, feature, raw, map_features = [], None, None, []
     levels = sum(1 for k in sd if k.endswith("_feat.0.weight_v"))
 
     def up(i, f):
-        return _lrelu(_conv(sd, f"level_{i}_up.3", _lrelu(_conv(sd, f"level_{i}_up.1", F.interpolate(f, scale_factor=2)))))
+        return _lrelu(
+            _conv(sd, f"level_{i}_up.3", _lrelu(_conv(sd, f"level_{i}_up.1", F.interpolate(f, scale_factor=2))))
+        )
 
     for i, code in enumerate(codes, 1):
         image = raw if (variant == "Super_Resolution" and i > 1) else inputs[i - 1]
@@ -408,7 +455,9 @@ def _their_lab_to_rgb(out: torch.Tensor) -> np.ndarray:
 
     l_floor = out[:, :1].clamp(min=0.01)
     lab = torch.cat([l_floor * 100, out[:, 1:] / l_floor * 127], 1)
-    return np.stack([lab2rgb(im.permute(1, 2, 0).numpy()) for im in lab]).transpose(0, 3, 1, 2)
+    with warnings.catch_warnings():  # random weights give out-of-gamut colours: clipped, as in chimle
+        warnings.simplefilter("ignore", UserWarning)
+        return np.stack([lab2rgb(im.permute(1, 2, 0).numpy()) for im in lab]).transpose(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -457,4 +506,3 @@ def test_tiled_sampling_of_a_converted_tower_matches_untiled():
         tiled = generate(model, x, 1, torch.Generator().manual_seed(0), tile=hw[0] // 2 + 4, overlap=4)
         assert whole.shape == tiled.shape
         assert (whole - tiled).abs().mean() < 0.05
-

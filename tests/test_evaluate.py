@@ -108,10 +108,19 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
     x = torch.stack([ds[i]["input"] for i in range(len(ds))])
     y = torch.stack([ds[i]["target"] for i in range(len(ds))])
     d = LPIPS("alex")
-    r = efficiency.sample_efficiency(model, x, y, d, seeds=3, budgets=(1, 2, 4, 8), flat_max=48)
+    r = efficiency.sample_efficiency(model, x, y, d, seeds=3, budgets=(1, 2, 4, 8), flat_max=48, schedules=[(3, 1)])
     rows, levels = r["rows"], model.cfg.levels
     print(rows)
-    assert [row["per_level_m"] for row in rows] == [1, 2, 4, 8]
+    assert [row["per_level_m"] for row in rows] == [1, 2, 4, 8, "3,1"]
+    # the non-uniform schedule's row is search.hierarchical itself, one run per seed
+    runs = [search.hierarchical(model, x, y, d, [3, 1], seeded(0, s, 2))[1].double().mean() for s in range(3)]
+    assert rows[-1]["lpips_threshold"] == pytest.approx(float(np.mean(runs)), abs=1e-6)
+    assert rows[-1]["threshold_std"] == pytest.approx(float(np.std(runs)), abs=1e-6) and rows[-1]["chimle_samples"] == 4
+    # compute: every row's cost is search_cost on this model's per-level FLOPs; a flat sample costs 1
+    costs = search.level_costs(model, tuple(x.shape[-2:]), d)
+    for row, sched in zip(rows, [[m] * levels for m in (1, 2, 4, 8)] + [[3, 1]]):
+        assert row["chimle_compute"] == round(search.search_cost(costs, sched), 3)
+    rows = rows[:4]
     assert [row["chimle_samples"] for row in rows] == [levels * m for m in (1, 2, 4, 8)]
     t = [row["lpips_threshold"] for row in rows]
     assert all(a >= b for a, b in zip(t, t[1:])) and t[0] > t[-1]  # more candidates, closer
@@ -122,7 +131,8 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
         if isinstance(n, int):  # the smallest n whose best-of-n reaches the threshold
             assert 1 <= n <= 48 and curve[n - 1] <= row["lpips_threshold"]
             assert n == 1 or curve[n - 2] > row["lpips_threshold"]
-            assert row["ratio"] == pytest.approx(n / row["chimle_samples"])
+            assert row["ratio_samples"] == pytest.approx(n / row["chimle_samples"])
+            assert row["ratio_compute"] == pytest.approx(n / row["chimle_compute"], rel=1e-3)
         else:
             assert n == "> 48" and curve[-1] > row["lpips_threshold"]
     # one seed at the largest budget is exactly search.hierarchical with that seed's generator
@@ -217,15 +227,20 @@ def test_cli_bench_efficiency(ckpt, held_out, tmp_path):
                 "1,4",
                 "--flat-max",
                 "24",
+                "--schedule",
+                "3,1",
             ]
         )
         == 0
     )
     r = json.loads((out / "efficiency.json").read_text())
     assert (r["seeds"], r["images"], r["budgets"], r["flat_max"], r["levels"]) == (2, 2, [1, 4], 24, 2)
-    assert [row["chimle_samples"] for row in r["rows"]] == [2, 8]
+    assert [row["chimle_samples"] for row in r["rows"]] == [2, 8, 4] and r["schedules"] == [[3, 1]]
     assert r["rows"][0]["lpips_threshold"] >= r["rows"][1]["lpips_threshold"] > 0
-    header = "| per_level_m | chimle_samples | lpips_threshold | cimle_samples | ratio |"
+    header = (
+        "| per_level_m | chimle_samples | chimle_compute | lpips_threshold | threshold_std | cimle_samples "
+        "| ratio_samples | ratio_compute |"
+    )
     assert (out / "efficiency.md").read_text().startswith(header)
     assert (out / "efficiency.png").stat().st_size > 1000
     # per-level diagnostics: at the last level the partial output is the final one (correlation 1);

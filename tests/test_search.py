@@ -137,3 +137,36 @@ def test_replay_rebuilds_the_chosen_codes(setup, iterative, partial):
     assert all(torch.equal(a.noise, b.noise) for a, b in zip(codes, again, strict=True))
     wrong = replay(layout, [6], (picks[0] + 1) % 6, torch.Generator().manual_seed(4), flat=True)
     assert not torch.equal(wrong[0].style, codes[0].style)
+
+
+def test_compute_accounting_in_full_forward_equivalents():
+    """flat with n codes costs n; hierarchical with m per level costs m plus the distance's share (and
+    the prefix steps); every candidate of "no IC + no PE" is a whole forward, so that ladder rung
+    costs sum(m_l). The per-level FLOPs add up to a full forward's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from chimle.distances.lpips import LPIPS
+    from chimle.search import level_costs, search_cost
+
+    torch.manual_seed(0)
+    model = TowerModel(TowerConfig.preset("tiny", layout="upscale"))
+    lpips = LPIPS("alex")
+    costs = level_costs(model, (8, 8), lpips)
+    x, codes = torch.rand(1, 3, 8, 8), model.sample_codes(1, input_hw=(8, 8))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x, codes)
+    assert sum(c.step for c in costs) == fc.get_total_flops()
+    assert costs[0].step < costs[1].step < costs[2].step  # each level works at 2x the resolution
+    assert costs[0].distance > 0  # LPIPS-alex is convolutions
+    full = sum(c.step for c in costs) + costs[-1].distance
+    assert search_cost(costs, num_samples=37) == 37
+    m = 10
+    share = sum(c.distance for c in costs[:-1]) / full
+    prefix = (costs[0].step + costs[1].step) / full
+    assert search_cost(costs, [m] * 3) == pytest.approx(m * (1 + share) + prefix, rel=1e-9)
+    assert m < search_cost(costs, [m] * 3) < 1.5 * m  # far from L * m = 30, the count in samples
+    assert search_cost(costs, [4, 3, 2], iterative=False, partial=False) == pytest.approx(9, rel=1e-9)
+    # with the distance free (pixel MSE: no convolutions), Algorithm 1 costs m + the prefix steps
+    l2_costs = level_costs(model, (8, 8), mse)
+    assert all(c.distance == 0 for c in l2_costs)
+    assert search_cost(l2_costs, [m] * 3) == pytest.approx(m + prefix * full / sum(c.step for c in l2_costs))

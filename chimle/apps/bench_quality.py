@@ -7,7 +7,8 @@
     python -m chimle.apps.bench_quality efficiency --help      # every option (the same commands)
 
 `efficiency` measures, on held-out crops and a trained model, how many generated samples flat cIMLE
-needs against hierarchical CHIMLE to reach each LPIPS distance (see `chimle.evaluation.efficiency.sample_efficiency`).
+needs against hierarchical CHIMLE to reach each LPIPS distance, counting CHIMLE's work in samples and at
+equal compute (full-forward equivalents) (see `chimle.evaluation.efficiency.sample_efficiency`).
 `ablation` trains the same configuration four times (full CHIMLE, no IC, no IC+PE, no IC+PE+CD =
 cIMLE with as many samples) on the same data, steps and seed, then reports FID and LPIPS to the
 target on held-out crops, side by side, as a JSON, a Markdown table and a bar plot.
@@ -59,6 +60,7 @@ def run_efficiency(
     budgets: list[int] | None = None,
     flat_max: int | None = None,
     distance: str = "vgg",
+    schedules: list[list[int]] | None = None,
 ) -> dict:
     model, task_cfg = load_with_task(checkpoint, device)
     task = make_task(**task_cfg)
@@ -68,7 +70,15 @@ def run_efficiency(
     to_rgb = task.rgb
     lpips = LPIPS(distance).to(device)
     result = sample_efficiency(
-        model, x, y, lpips, seeds=seeds, to_rgb=to_rgb, budgets=budgets or BUDGETS, flat_max=flat_max
+        model,
+        x,
+        y,
+        lpips,
+        seeds=seeds,
+        to_rgb=to_rgb,
+        budgets=budgets or BUDGETS,
+        flat_max=flat_max,
+        schedules=schedules or [],
     )
     result["level_diagnostics"] = level_diagnostics(model, x, y, lpips, to_rgb=to_rgb)
     out_dir = Path(out)
@@ -187,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--flat-max", type=int, default=None, help="cIMLE codes per image (default 16 * L * max budget)")
     e.add_argument("--distance", choices=["vgg", "alex"], default="vgg", help="LPIPS backbone (papers: vgg)")
+    e.add_argument(
+        "--schedule",
+        type=_ints,
+        action="append",
+        default=[],
+        metavar="M1,...,ML",
+        help="a non-uniform CHIMLE schedule, one count per level (repeatable), e.g. the paper's shape 64,16,4",
+    )
     a = sub.add_parser("ablation", help="train full / no IC / no IC+PE / no IC+PE+CD and compare")
     a.add_argument("--data", required=True, help="folder of training photos ('builtin' allowed)")
     a.add_argument("--held-out", required=True, help="folder of held-out photos")
@@ -213,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             args.budgets,
             args.flat_max,
             args.distance,
+            args.schedule,
         )
     else:
         run_ablation(

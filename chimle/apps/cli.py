@@ -10,6 +10,7 @@
     chimle bench speed|efficiency|ablation ...
     chimle mnist [--out DIR] [--steps N]
     chimle presets
+    chimle explore [WEIGHTS | --demo] [--host H] [--port P]     (needs `pip install "chimle[app]"`)
 
 Bad input ends with one line on stderr naming the file or key and the problem (exit code 2),
 never a traceback from deep inside torch; CHIMLE_DEBUG=1 shows the traceback.
@@ -101,6 +102,7 @@ def cmd_sample(a) -> int:
         tile=a.tile,
         overlap=a.overlap,
         memory_budget=a.memory_budget,
+        code=a.code,
     )
     grids = [p for p in written if p.name.endswith("_grid.png")]
     print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")
@@ -189,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", help="tiled inference for large images: tile side in input px, or 'auto' (fit the budget)")
     p.add_argument("--overlap", type=int, help="tile overlap in input px (default: a quarter of the tile)")
     p.add_argument("--memory-budget", help="memory for --tile auto, e.g. 4GB (default: half the free GPU / 2 GB)")
+    p.add_argument("--code", help="a code .npz downloaded from chimle explore: redraw that exact output")
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("export", help="training checkpoint -> safetensors weights with their config")
@@ -215,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="print the model presets' parameter counts")
     sub.add_parser("mnist", add_help=False, help="the MNIST illustration of the TIM paper (Fig. 1); see --help")
+    sub.add_parser("explore", add_help=False, help="a web page to explore a model's outputs (chimle[app]); see --help")
 
     # `bench` hands everything after its name (--help included) to the benchmark's own parser.
     p = sub.add_parser("bench", add_help=False, help="benchmarks: speed | efficiency | ablation (see --help of each)")
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
-    if rest and a.command not in ("bench", "mnist"):
+    if rest and a.command not in ("bench", "mnist", "explore"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     commands = {
         "train": cmd_train,
@@ -244,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
             mnist_main(rest)
             return 0
+        if a.command == "explore":
+            from .explore import main as explore_main  # FastAPI is imported only here
+
+            return explore_main(rest)
         return commands[a.command](a)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         if os.environ.get("CHIMLE_DEBUG"):

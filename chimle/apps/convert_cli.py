@@ -25,10 +25,14 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p = subparsers.add_parser("convert", help="the authors' CHIMLE checkpoint -> safetensors weights with their config")
     p.add_argument("checkpoint", help="their .pth state dict, or latest.tar (model_state_dict + optimizer_state_dict)")
     p.add_argument("out", help="output .safetensors")
-    p.add_argument("--task", required=True, choices=list(TASK_VARIANTS),
-                   help="which of their forwards the weights were trained with: sr (16x super-resolution), "
-                        "colorize, jpeg (decompression) or night (night-to-day): the shapes cannot tell sr from "
-                        "jpeg/night, nor the input channels from the noise channels")
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=list(TASK_VARIANTS),
+        help="which of their forwards the weights were trained with: sr (16x super-resolution), "
+        "colorize, jpeg (decompression) or night (night-to-day): the shapes cannot tell sr from "
+        "jpeg/night, nor the input channels from the noise channels",
+    )
     return p
 
 
@@ -38,6 +42,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with safe_open(str(out), framework="pt") as f:  # report from the file itself, as `chimle.load` will read it
         cfg = json.loads(f.metadata()["model"])
         n = sum(math.prod(f.get_slice(k).get_shape()) for k in list(f.keys()))
-    print(f"converted {args.checkpoint} ({TASK_VARIANTS[args.task]}, {cfg['levels']} levels, nf {cfg['channels']}, "
-          f"{n / 1e6:.2f} M parameters) -> {out}")
+    print(
+        f"converted {args.checkpoint} ({TASK_VARIANTS[args.task]}, {cfg['levels']} levels, nf {cfg['channels']}, "
+        f"{n / 1e6:.2f} M parameters) -> {out}"
+    )
     return 0

@@ -3,7 +3,7 @@
 Every image inside chimle is a float32 tensor (C, H, W) in [0, 1]; this module
 is the boundary that guarantees it.
 
-    from chimle.imageio import load_image, save_image, list_images
+    from chimle.data.imageio import load_image, save_image, list_images
     x = load_image("photos/cat.jpg")          # (3, H, W) float32 in [0, 1]
     save_image(x, "out/cat.png")              # atomic, rounds to 8 bit
     paths = list_images("photos")             # sorted, recursive

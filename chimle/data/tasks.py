@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..resample import downsample, quantize8, resize
 from ..rng import generator_from
@@ -208,8 +209,6 @@ class JpegDecompression(Task):
     def degrade(self, target, rng=None):
         if target.ndim == 4:
             return torch.stack([self.degrade(t) for t in target])
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(to_uint8(target).permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=self.quality)
         buf.seek(0)

@@ -22,7 +22,7 @@ from ..data.imageio import pyplot, save_figure
 from ..loss import Distance, ToRGB
 from ..model import TowerModel
 from ..rng import seeded
-from ..search import Scorer
+from ..search import Scorer, hierarchical, level_costs, search_cost
 
 __all__ = ["sample_efficiency", "level_diagnostics", "plot_efficiency", "BUDGETS"]
 
@@ -41,9 +41,10 @@ def sample_efficiency(
     seed: int = 0,
     memory_budget: int | str | None = None,
     chunk_bytes: int = 256 * 2**20,
+    schedules: Sequence[Sequence[int]] = (),
 ) -> dict[str, Any]:
     """How many generated samples flat cIMLE needs to get as close to the observed images as
-    hierarchical CHIMLE gets with m candidates per level (CHIMLE Fig. 2, TIM Fig. 3).
+    hierarchical CHIMLE gets with m candidates per level (CHIMLE Fig. 2, TIM Fig. 3), counted two ways.
 
     CHIMLE: for each per-level budget m in `budgets` (m candidates at every level, so L * m generated
         samples: each partial evaluation counts as one sample), run Algorithm 1 (the selection of
@@ -55,12 +56,19 @@ def sample_efficiency(
     cIMLE: per seed, draw flat_max whole codes per image (default 16 * L * max(budgets)), in chunks,
         and measure each full output; D(n) = mean over images and seeds of the minimum distance
         among the first n draws (the expected best-of-n). For each t(m), cimle_samples = the smallest
-        n with D(n) <= t(m), or "> flat_max" when not reached; ratio = cimle_samples / (L * m).
+        n with D(n) <= t(m), or "> flat_max" when not reached; ratio_samples = cimle_samples / (L * m).
+    Compute: a partial evaluation is not a sample's worth of work (a level-l candidate runs level l
+        only, on the cached prefix), so every row also gives CHIMLE's cost in full-forward equivalents
+        (`chimle.search.search_cost`, FLOPs of this model and distance; a cIMLE sample costs exactly 1)
+        and ratio_compute = cimle_samples / chimle_compute: the comparison at equal compute.
+    schedules: non-uniform candidate counts (m_1, ..., m_L), e.g. the paper's shape (200, 200, 20, 10);
+        each runs `search.hierarchical` once per seed and adds a row (per_level_m "200,200,20,10").
 
     x, y: held-out inputs and observed images in [0, 1]; distance as in the search (LPIPS-vgg in the
     papers); to_rgb for colourisation. Deterministic for fixed `seed`.
-    Returns {"rows": [{per_level_m, chimle_samples, lpips_threshold, cimle_samples, ratio}], "cimle_curve":
-    D(1..flat_max), "chimle_std": per-budget std over seeds, and the counts used}.
+    Returns {"rows": [{per_level_m, chimle_samples, chimle_compute, lpips_threshold, threshold_std,
+    cimle_samples, ratio_samples, ratio_compute}], "cimle_curve": D(1..flat_max), "level_costs", and the
+    counts used}; threshold_std is the spread of t over seeds.
     """
     budgets = sorted({int(m) for m in budgets})
     if not budgets or budgets[0] < 1:
@@ -74,6 +82,9 @@ def sample_efficiency(
     chunk = max(1, min(n_max, chunk_bytes // (4 * n * sum(layout.dims()))))  # codes held at once
     chimle = np.zeros((seeds, len(budgets), n))
     flat = np.zeros((seeds, n, n_max))
+    extra: dict[tuple[int, ...], list[float]] = {tuple(int(m) for m in sched): [] for sched in schedules}
+    if any(len(k) != levels or min(k) < 1 for k in extra):
+        raise ValueError(f"each schedule needs {levels} positive counts, got {[list(k) for k in extra]}")
     with sc.context():
         for s in range(seeds):
             # CHIMLE, nested candidates: pool row i * top + j is candidate j of input i (the order
@@ -99,20 +110,38 @@ def sample_efficiency(
                 c = min(chunk, n_max - lo)
                 d = sc.score(sc.initial, 1, layout.sample(n * c, g, device), c)
                 flat[s, :, lo : lo + c] = d.float().cpu().numpy()
-    thresholds = chimle.mean((0, 2))
+    for s in range(seeds):
+        for sched in schedules:  # non-uniform schedules: the search itself, one run per seed
+            _, d = hierarchical(
+                model,
+                x,
+                y,
+                distance,
+                sched,
+                seeded(seed, s, 2, device=device),
+                to_rgb=to_rgb,
+                memory_budget=memory_budget,
+            )
+            extra[tuple(sched)].append(float(d.double().mean()))
+    costs = level_costs(model, tuple(x.shape[-2:]), distance, to_rgb)
+    per_seed = [(str(m), [m] * levels, chimle.mean(2)[:, b]) for b, m in enumerate(budgets)]
+    per_seed += [(",".join(map(str, k)), list(k), np.asarray(v)) for k, v in extra.items()]
     curve = np.minimum.accumulate(flat, axis=2).mean((0, 1))  # D(n), n = 1..n_max
     rows = []
-    for m, t in zip(budgets, thresholds):
+    for name, sched, ts in per_seed:
+        t, samples, compute = float(ts.mean()), sum(sched), search_cost(costs, sched)
         reached = np.nonzero(curve <= t)[0]
         cimle: int | str = int(reached[0]) + 1 if reached.size else f"> {n_max}"
-        ratio: float | str = cimle / (levels * m) if isinstance(cimle, int) else f"> {n_max / (levels * m):.3g}"
         rows.append(
             {
-                "per_level_m": m,
-                "chimle_samples": levels * m,
-                "lpips_threshold": float(t),
+                "per_level_m": int(name) if name.isdigit() else name,
+                "chimle_samples": samples,
+                "chimle_compute": round(compute, 3),
+                "lpips_threshold": t,
+                "threshold_std": float(ts.std()),
                 "cimle_samples": cimle,
-                "ratio": ratio,
+                "ratio_samples": _ratio(cimle, samples, n_max),
+                "ratio_compute": _ratio(cimle, compute, n_max),
             }
         )
     return {
@@ -121,10 +150,16 @@ def sample_efficiency(
         "images": n,
         "seeds": seeds,
         "budgets": budgets,
+        "schedules": [list(k) for k in extra],
         "flat_max": n_max,
-        "chimle_std": chimle.mean(2).std(0).tolist(),
+        "level_costs": [c._asdict() for c in costs],
         "cimle_curve": curve.tolist(),
     }
+
+
+def _ratio(cimle: int | str, chimle: float, n_max: int) -> float | str:
+    """cIMLE's work over CHIMLE's for the same distance (> 1: CHIMLE needs less), or a lower bound."""
+    return cimle / chimle if isinstance(cimle, int) else f"> {n_max / chimle:.3g}"
 
 
 def level_diagnostics(
@@ -172,30 +207,40 @@ def level_diagnostics(
 
 
 def plot_efficiency(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """PNG like CHIMLE Fig. 2: generated samples needed (log scale) against the LPIPS distance reached,
-    for CHIMLE (L * m) and cIMLE (the best-of-n curve); unreached thresholds are marked at flat_max."""
+    """PNG like CHIMLE Fig. 2, twice: the work CHIMLE needs (log scale) against the LPIPS distance it
+    reaches, counted in generated samples (left: every partial evaluation one sample) and in
+    full-forward equivalents (right: equal compute), with the cIMLE best-of-n curve, which is the same
+    in both units (one cIMLE sample = one full forward); unreached thresholds are marked at flat_max."""
     plt = pyplot()
 
     rows, n_max = result["rows"], result["flat_max"]
     t = [r["lpips_threshold"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
     curve = np.asarray(result["cimle_curve"])
-    ax.plot(curve, np.arange(1, len(curve) + 1), color="#dd8452", lw=0.8, alpha=0.5, label="cIMLE best-of-n D(n)")
-    ax.plot(t, [r["chimle_samples"] for r in rows], "o-", color="#4c72b0", label="CHIMLE")
-    hit = [(ti, r["cimle_samples"]) for ti, r in zip(t, rows) if isinstance(r["cimle_samples"], int)]
-    if hit:
-        ax.plot(*zip(*hit), "s-", color="#dd8452", label="cIMLE")
-    miss = [ti for ti, r in zip(t, rows) if not isinstance(r["cimle_samples"], int)]
-    if miss:
-        ax.plot(miss, [n_max] * len(miss), "^", color="#c44e52", label=f"cIMLE: > {n_max}")
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="LPIPS distance to the observed image",
-        ylabel="generated samples needed",
-        title=f"Sample efficiency ({result['images']} images, {result['seeds']} seeds)",
-    )
-    ax.invert_xaxis()  # stricter thresholds to the right, as the curve is read
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, unit in ((axes[0], "chimle_samples", "samples"), (axes[1], "chimle_compute", "full forwards")):
+        ax.plot(curve, np.arange(1, len(curve) + 1), color="#dd8452", lw=0.8, alpha=0.5, label="cIMLE best-of-n")
+        ax.errorbar(
+            t,
+            [r[key] for r in rows],
+            xerr=[r["threshold_std"] for r in rows],
+            fmt="o",
+            color="#4c72b0",
+            label=f"CHIMLE ({unit})",
+            capsize=2,
+        )
+        hit = [(ti, r["cimle_samples"]) for ti, r in zip(t, rows) if isinstance(r["cimle_samples"], int)]
+        if hit:
+            ax.plot(*zip(*hit), "s", color="#dd8452", label="cIMLE, same distance")
+        miss = [ti for ti, r in zip(t, rows) if not isinstance(r["cimle_samples"], int)]
+        if miss:
+            ax.plot(miss, [n_max] * len(miss), "^", color="#c44e52", label=f"cIMLE: > {n_max}")
+        ax.set_yscale("log")
+        ax.set(
+            xlabel="LPIPS distance to the observed image", ylabel=f"work needed ({unit})", title=f"counted in {unit}"
+        )
+        ax.invert_xaxis()  # stricter thresholds to the right, as the curve is read
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Sample efficiency ({result['images']} images, {result['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

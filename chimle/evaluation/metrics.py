@@ -1,7 +1,7 @@
 """The evaluation metrics of the cIMLE, TIM and CHIMLE papers.
 
 Fidelity        fid, kid                FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) on
-                                        InceptionV3 features (`chimle.inception`).
+                                        InceptionV3 features (`chimle.evaluation.inception`).
 Diversity       fwv, lpips_diversity    faithfulness-weighted variance (cIMLE Sect. 5.1.5, CHIMLE
                                         Eq. 2) and the LPIPS diversity score (Zhu et al. 2017).
 Modes           prd, prd_curve, plot_prd  precision and recall for distributions (Sajjadi et al. 2018):
@@ -9,7 +9,7 @@ Modes           prd, prd_curve, plot_prd  precision and recall for distributions
                 ivo                     inference via optimisation (CHIMLE Sect. 3): the MSE left after
                                         optimising the latent code towards the observed image.
 
-    from chimle import metrics
+    from chimle.evaluation import metrics
     metrics.fid(real, fake)                     # folders, (N, 3, H, W) tensors in [0, 1], or (N, D) features
     mean, std = metrics.kid(real, fake)
     metrics.fwv(samples, targets, sigma=0.2)    # samples (K, N, 3, H, W), targets (N, 3, H, W)
@@ -65,7 +65,7 @@ Images = Tensor | np.ndarray | str | os.PathLike
 
 def as_features(x: Images, dims: int = 2048, **kw) -> np.ndarray:
     """(N, D) float64 features: a 2-d array/tensor is taken as precomputed features; images
-    ((N, 3, H, W) in [0, 1] or uint8) and folders go through the InceptionV3 (`chimle.inception`)."""
+    ((N, 3, H, W) in [0, 1] or uint8) and folders go through the InceptionV3 (`chimle.evaluation.inception`)."""
     if isinstance(x, (str, os.PathLike)) or (isinstance(x, Tensor) and x.ndim == 4):
         x = features(x, dims=dims, **kw)
     f = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)

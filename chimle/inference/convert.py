@@ -79,6 +79,8 @@ itself. On the same level inputs and codes the converted tower computes their fu
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -105,8 +107,12 @@ __all__ = [
 ]
 
 # chimle task -> the authors' forward variant (their `task` option; the keys of the shapes JSON).
-TASK_VARIANTS: dict[str, str] = {"sr": "Super_Resolution", "colorize": "Colourization", "jpeg": "generic",
-                                 "night": "generic"}
+TASK_VARIANTS: dict[str, str] = {
+    "sr": "Super_Resolution",
+    "colorize": "Colourization",
+    "jpeg": "generic",
+    "night": "generic",
+}
 _IN_CHANNELS = {"sr": 3, "colorize": 1, "jpeg": 3, "night": 3}
 _OUT_CHANNELS = {"sr": 3, "colorize": 2, "jpeg": 3, "night": 3}
 
@@ -127,9 +133,13 @@ def _layout(cfg: TowerConfig, variant: str) -> list[tuple[str, tuple[int, ...], 
     def conv(a: str, c: str | None, cin: int, cout: int) -> None:
         # Legacy weight norm registers g and v after the bias; the parametrisation keeps g as original0, v as
         # original1 and computes the same torch._weight_norm(v, g, 0).
-        rows.extend([(f"{a}.bias", (cout,), c and f"{c}.bias"),
-                     (f"{a}.weight_g", (cout, 1, 1, 1), c and f"{c}.parametrizations.weight.original0"),
-                     (f"{a}.weight_v", (cout, cin, 3, 3), c and f"{c}.parametrizations.weight.original1")])
+        rows.extend(
+            [
+                (f"{a}.bias", (cout,), c and f"{c}.bias"),
+                (f"{a}.weight_g", (cout, 1, 1, 1), c and f"{c}.parametrizations.weight.original0"),
+                (f"{a}.weight_v", (cout, cin, 3, 3), c and f"{c}.parametrizations.weight.original1"),
+            ]
+        )
 
     width, last = cfg.mapping_width, cfg.levels - 1
     for i in range(cfg.levels):
@@ -144,8 +154,12 @@ def _layout(cfg: TowerConfig, variant: str) -> list[tuple[str, tuple[int, ...], 
         for k in range(cfg.blocks):
             for d in range(3):
                 for j in range(5):
-                    conv(f"{a}_style.sub.{k}.RDB{d + 1}.conv{j + 1}.0", f"{c}.rrdbs.{k}.body.{d}.convs.{j}",
-                         nf + j * gc, gc if j < 4 else nf)
+                    conv(
+                        f"{a}_style.sub.{k}.RDB{d + 1}.conv{j + 1}.0",
+                        f"{c}.rrdbs.{k}.body.{d}.convs.{j}",
+                        nf + j * gc,
+                        gc if j < 4 else nf,
+                    )
             linear(f"{a}_style.sub.transform_{k}", f"{c}.styles.{k}", width, 2 * nf)
         conv(f"{a}_style.sub.lr_conv.0", f"{c}.conv_trunk", nf, nf)
         if variant == "Colourization" and i == last:  # conv, LReLU, conv, LReLU: no Upsample at index 0
@@ -178,15 +192,17 @@ def unwrap(obj: Any) -> tuple[dict[str, Tensor], int | None]:
         step = obj.get("iteration") if isinstance(obj.get("iteration"), int) else None
         obj = obj["model_state_dict"]  # the optimizer state and data index are training state only
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"holds no state dict (a {type(obj).__name__}): the authors' checkpoints are a state "
-                              "dict or a dict with 'model_state_dict'")
+        raise CheckpointError(
+            f"holds no state dict (a {type(obj).__name__}): the authors' checkpoints are a state "
+            "dict or a dict with 'model_state_dict'"
+        )
     if "model_config" in obj:
         raise CheckpointError("this is a chimle training checkpoint, not the authors': use `chimle export`")
     out: dict[str, Tensor] = {}
     for key, value in obj.items():
         if not isinstance(value, Tensor):
             raise CheckpointError(f"key '{key}' holds a {type(value).__name__}, not a tensor: not a state dict")
-        name = key[len("module."):] if isinstance(key, str) and key.startswith("module.") else key
+        name = key[len("module.") :] if isinstance(key, str) and key.startswith("module.") else key
         if name in out:
             raise CheckpointError(f"key '{key}' appears both with and without the 'module.' prefix")
         out[name] = value
@@ -199,12 +215,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], int | None]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint '{p}' does not exist")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        raise CheckpointError(f"'{p}' is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
     try:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
             obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+    except pickle.UnpicklingError as e:  # weights_only refused an object: name it, not torch's advice
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"an object of {found.group(1)}" if found else "objects other than tensors"
+        raise CheckpointError(
+            f"'{p}' holds {what}; the authors' checkpoints hold only tensors and plain "
+            "containers (it is not run to find out)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"'{p}' is not a readable PyTorch checkpoint: {str(e).strip().splitlines()[0]}") from None
     try:
         return unwrap(obj)
@@ -243,28 +270,49 @@ def infer_config(state_dict: Mapping[str, Tensor], task: str) -> TowerConfig:
     out_ch = _shape(sd, "level_1_out.0.weight_v", 4)[0]
     in_ch, feat_in = _IN_CHANNELS[task], _shape(sd, "level_1_feat.0.weight_v", 4)[1]
     if out_ch != _OUT_CHANNELS[task]:
-        raise CheckpointError(f"key 'level_1_out.0.weight_v' has {out_ch} output channels; --task {task} needs "
-                              f"{_OUT_CHANNELS[task]} (is this a checkpoint of another task?)")
+        raise CheckpointError(
+            f"key 'level_1_out.0.weight_v' has {out_ch} output channels; --task {task} needs "
+            f"{_OUT_CHANNELS[task]} (is this a checkpoint of another task?)"
+        )
     if feat_in < in_ch:
-        raise CheckpointError(f"key 'level_1_feat.0.weight_v' reads {feat_in} channels, fewer than the {in_ch} "
-                              f"input channel(s) of --task {task}")
+        raise CheckpointError(
+            f"key 'level_1_feat.0.weight_v' reads {feat_in} channels, fewer than the {in_ch} "
+            f"input channel(s) of --task {task}"
+        )
     _shape(sd, "level_1_map.0.weight", 2)  # the mapping network needs its first layer after map_0
     # The variant shows in the last level's `up` block: an upsampler (up.1, up.3) or colourisation's two convs.
     colour = variant == "Colourization"
     up, other = (f"level_{levels}_up.{n}.weight_v" for n in ((0, 1) if colour else (1, 0)))
     if up not in sd:
-        why = (f"; it has '{other}', the last level of {'an upsampler' if colour else 'colourisation'}: "
-               "a checkpoint of another task?") if other in sd else ""
+        why = (
+            (
+                f"; it has '{other}', the last level of {'an upsampler' if colour else 'colourisation'}: "
+                "a checkpoint of another task?"
+            )
+            if other in sd
+            else ""
+        )
         raise CheckpointError(f"missing key '{up}' (--task {task}){why}")
     try:
         cfg = TowerConfig(
-            levels=levels, layout="upscale" if task == "sr" else "same", in_channels=in_ch, out_channels=out_ch,
-            channels=channels, growth=growth, blocks=_count(sd, "level_1_style.sub.{}.RDB1.conv1.0.weight_v"),
-            code_dim=code_dim, noise_channels=feat_in - in_ch, mapping_width=width,
-            mapping_layers=1 + _count(sd, "level_1_map.{}.weight", step=2), feature_scale=0.1, residual_scale=0.2,
+            levels=levels,
+            layout="upscale" if task == "sr" else "same",
+            in_channels=in_ch,
+            out_channels=out_ch,
+            channels=channels,
+            growth=growth,
+            blocks=_count(sd, "level_1_style.sub.{}.RDB1.conv1.0.weight_v"),
+            code_dim=code_dim,
+            noise_channels=feat_in - in_ch,
+            mapping_width=width,
+            mapping_layers=1 + _count(sd, "level_1_map.{}.weight", step=2),
+            feature_scale=0.1,
+            residual_scale=0.2,
             input_size=32 if task == "sr" else 256,  # the authors' 16x SR reads 32 px; the other tasks 256 px crops
-            feedback="tanh" if task == "sr" else "image", final_convs=task == "colorize",
-            output_mode="ab_times_l" if task == "colorize" else "tanh01")
+            feedback="tanh" if task == "sr" else "image",
+            final_convs=task == "colorize",
+            output_mode="ab_times_l" if task == "colorize" else "tanh01",
+        )
     except ValueError as e:
         raise CheckpointError(f"inferred an impossible tower ({e})") from None
     expected = authors_shapes(cfg, variant)
@@ -272,8 +320,10 @@ def infer_config(state_dict: Mapping[str, Tensor], task: str) -> TowerConfig:
         if key not in expected:
             raise CheckpointError(f"unexpected key '{key}' {tuple(t.shape)} for the inferred {_describe(cfg, variant)}")
         if tuple(t.shape) != expected[key]:
-            raise CheckpointError(f"key '{key}' has shape {tuple(t.shape)}, expected {expected[key]} for the inferred "
-                                  f"{_describe(cfg, variant)}")
+            raise CheckpointError(
+                f"key '{key}' has shape {tuple(t.shape)}, expected {expected[key]} for the inferred "
+                f"{_describe(cfg, variant)}"
+            )
         if not t.is_floating_point():
             raise CheckpointError(f"key '{key}' holds {t.dtype}, not floating-point weights")
     for key in expected:
@@ -283,9 +333,11 @@ def infer_config(state_dict: Mapping[str, Tensor], task: str) -> TowerConfig:
 
 
 def _describe(cfg: TowerConfig, variant: str) -> str:
-    return (f"{variant} tower (levels {cfg.levels}, nf {list(cfg.channels)}, gc {list(cfg.growth)}, "
-            f"{cfg.blocks} RRDBs, code {cfg.code_dim}, noise {cfg.noise_channels}, mapping {cfg.mapping_layers} x "
-            f"{cfg.mapping_width})")
+    return (
+        f"{variant} tower (levels {cfg.levels}, nf {list(cfg.channels)}, gc {list(cfg.growth)}, "
+        f"{cfg.blocks} RRDBs, code {cfg.code_dim}, noise {cfg.noise_channels}, mapping {cfg.mapping_layers} x "
+        f"{cfg.mapping_width})"
+    )
 
 
 def task_config(task: str, cfg: TowerConfig) -> dict:
@@ -293,7 +345,7 @@ def task_config(task: str, cfg: TowerConfig) -> dict:
     _variant(task)
     # sr: the scale is the tower's, 2^L (16 for the released models). jpeg: quality 1, the paper's. night: the
     # synthetic night task (none of the authors' night-to-day models was released; `eval` needs a degrade()).
-    return make_task(task, **({"scale": 2 ** cfg.levels} if task == "sr" else {})).config()
+    return make_task(task, **({"scale": 2**cfg.levels} if task == "sr" else {})).config()
 
 
 def from_authors(state_dict: Mapping[str, Any], task: str) -> TowerModel:
@@ -304,8 +356,11 @@ def from_authors(state_dict: Mapping[str, Any], task: str) -> TowerModel:
     (no second copy of 842 MB for the paper size; a memory-mapped file stays mapped, copy-on-write)."""
     sd, _ = unwrap(state_dict)
     cfg = infer_config(sd, task)
-    ours = {c: sd[a].detach().to("cpu", torch.float32).contiguous() for a, c in key_map(cfg, _variant(task)).items()
-            if c is not None}
+    ours = {
+        c: sd[a].detach().to("cpu", torch.float32).contiguous()
+        for a, c in key_map(cfg, _variant(task)).items()
+        if c is not None
+    }
     with torch.device("meta"):  # no initialisation of 210 M parameters only to overwrite them
         model = TowerModel(cfg)
     model.load_state_dict(ours, strict=True, assign=True)
@@ -321,8 +376,12 @@ def convert(checkpoint: str | Path, out: str | Path, task: str) -> Path:
         model = from_authors(sd, task)
     except CheckpointError as e:
         raise CheckpointError(f"'{checkpoint}': {e}") from None
-    meta = {"model": json.dumps(model.cfg.to_dict()), "task": json.dumps(task_config(task, model.cfg)),
-            "step": str(step or 0), "format": "chimle-1",
-            "source": f"niopeng/CHIMLE checkpoint '{Path(checkpoint).name}', {TASK_VARIANTS[task]} forward"}
+    meta = {
+        "model": json.dumps(model.cfg.to_dict()),
+        "task": json.dumps(task_config(task, model.cfg)),
+        "step": str(step or 0),
+        "format": "chimle-1",
+        "source": f"niopeng/CHIMLE checkpoint '{Path(checkpoint).name}', {TASK_VARIANTS[task]} forward",
+    }
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     return atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))

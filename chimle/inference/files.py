@@ -3,25 +3,44 @@
     sample_paths("runs/demo/checkpoints/last.pt", "photo.png", num=8, out="samples/")
 
 Inputs of any size are padded (reflect) to what the tower needs and the outputs cropped back.
+
+With a tile (`--tile`), outputs of any size are streamed: every band of rows the tiling finishes
+(`tiling.tiled_bands`) is converted to 8 bit and written into the PNG at once (a small PNG encoder
+below; Pillow wants the whole image, and would hold it at 4 bytes per pixel), so no copy of the whole
+output is ever made. The grid of such a sample shows previews of at most PREVIEW_SIDE px a side, each
+reduced from the same bands as they pass. Memory: the budget of the tiles, one band's accumulator, the
+codes and the input, whatever the output size (README, "Large images").
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..data.imageio import list_images, load_image, save_image
-from ..data.tasks import make_task
+from .. import latent
+from ..data.imageio import atomic_write, list_images, load_image, save_image, to_uint8
+from ..data.tasks import Task, make_task
 from ..memory import default_budget
 from ..model import TowerModel
+from ..resample import resize
+from .explore import sample_with_code
 from .figures import save_grid
-from .sample import generate, interpolate
-from .tiling import auto_tile, pad_to_tower
+from .sample import eval_mode, generate, interpolate, redraw_from
+from .tiling import auto_tile, pad_to_tower, tiled_bands
 from .weights import load_with_task
 
-__all__ = ["sample_paths"]
+__all__ = ["sample_paths", "write_png_rows"]
+
+PREVIEW_SIDE = 1024  # the longest side of a streamed sample's preview in its grid (px)
 
 
 def sample_paths(
@@ -40,8 +59,12 @@ def sample_paths(
     tile: int | str | None = None,
     overlap: int | None = None,
     memory_budget: int | str | None = None,
+    code: str | Path | None = None,
 ) -> list[Path]:
     """Sample `num` outputs for an image or a folder of images; write each output and a grid.
+
+    code: a code .npz saved by `chimle explore` (or `chimle.inference.explore.save_code`): redraw that
+    one exact output for one input image instead of sampling.
 
     tile: tiled inference for images too large to run at once: a tile side in input pixels, or
     "auto" for the largest tile that fits `memory_budget` (default: half the free GPU memory, 2 GB
@@ -51,6 +74,10 @@ def sample_paths(
     shows input | samples | target). Otherwise the files are the inputs themselves (a low-resolution
     image for sr, a grey or colour photo for colorize, a JPEG for jpeg, a night photo for night/paired).
     """
+    if code is not None:
+        if not Path(inputs).is_file():
+            raise ValueError(f"--code redraws one output: give one input image, not the folder '{inputs}'")
+        return [sample_with_code(weights, inputs, code, out, degrade=True if degrade else None, device=device)]
     model, task_cfg = load_with_task(weights, device)
     task = make_task(**task_cfg) if task_cfg else None
     paths = [Path(inputs)] if Path(inputs).is_file() else list_images(inputs)
@@ -78,6 +105,10 @@ def sample_paths(
             if side is not None:
                 raise ValueError("--interpolate does not support --tile")
             samples = interpolate(model, x, interpolate_steps, g, task=task)
+        elif side is not None:  # streamed into the files, never whole in memory
+            codes = _codes(model, x, num, g, from_level, same_code)
+            written += _sample_streamed(model, x, codes, (h, w), side, overlap, task, target, out, p.stem)
+            continue
         else:
             samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=overlap)
         s = model.cfg.scale
@@ -90,6 +121,162 @@ def sample_paths(
         save_grid(grid_path, shown_x, samples, None if target is None else target[None], task=task)
         written.append(grid_path)
     return written
+
+
+def _sample_streamed(
+    model: TowerModel,
+    x: Tensor,
+    codes: Iterator[latent.Codes],
+    hw: tuple[int, int],
+    tile: int,
+    overlap: int | None,
+    task: Task | None,
+    target: Tensor | None,
+    out: Path,
+    stem: str,
+) -> list[Path]:
+    """Tiled samples of x (1, C, H, W, padded; `hw` unpadded), one per code, streamed into
+    out/STEM_k.png, and the grid of their previews: input | previews | target, all at the previews' size."""
+    files, previews = [], []
+    for k, c in enumerate(codes):
+        files.append(out / f"{stem}_{k:03d}.png")
+        previews.append(_stream_sample(model, x, c, tile, overlap, task, hw, files[-1]))
+    shown_x, shown_target = x[..., : hw[0], : hw[1]].cpu(), None if target is None else target[None]
+    ph, pw = previews[0].shape[-2:]
+    if (ph, pw) != (hw[0] * model.cfg.scale, hw[1] * model.cfg.scale):  # reduced previews
+        shown_x = resize(shown_x, (ph, pw)) if shown_x.shape[-2] > ph else shown_x
+        shown_target = None if shown_target is None else resize(shown_target, (ph, pw))
+    grid = out / f"{stem}_grid.png"
+    save_grid(grid, shown_x, torch.stack(previews)[:, None], shown_target, task=task)
+    return [*files, grid]
+
+
+def _codes(
+    model: TowerModel, x: Tensor, num: int, g: torch.Generator, from_level: int | None, same_code: bool
+) -> Iterator[latent.Codes]:
+    """The codes `generate` draws for its `num` samples of x, in the same order from the same generator
+    (so a streamed sample is the sample `generate(..., tile=...)` returns), one at a time."""
+    n, hw = x.shape[0], tuple(x.shape[-2:])
+    if from_level is not None and not 1 <= from_level <= model.cfg.levels:
+        raise ValueError(f"from_level must be in 1..{model.cfg.levels}, got {from_level}")
+    base = model.sample_codes(n, g, input_hw=hw) if from_level is not None else None
+    for _ in range(num):
+        if from_level is not None:
+            yield redraw_from(model, base, from_level, g, hw)
+        elif same_code:
+            yield latent.repeat(model.sample_codes(1, g, input_hw=hw), n)
+        else:
+            yield model.sample_codes(n, g, input_hw=hw)
+
+
+def _stream_sample(
+    model: TowerModel,
+    x: Tensor,
+    codes: latent.Codes,
+    tile: int,
+    overlap: int | None,
+    task: Task | None,
+    hw: tuple[int, int],
+    path: Path,
+) -> Tensor:
+    """Run one tiled sample of x (1, C, H, W, padded) and write it to `path` band by band, cropped to
+    `hw` x scale; returns its preview (3, h', w') in [0, 1], at most PREVIEW_SIDE px a side."""
+    s = model.cfg.scale
+    height, width = hw[0] * s, hw[1] * s
+    preview = _Preview(max(1, -(-max(height, width) // PREVIEW_SIDE)))
+    xd = x.to(model.device)
+
+    def rows() -> Iterator[np.ndarray]:
+        bands = tiled_bands(model, xd, codes, tile, tile // 4 if overlap is None else overlap)
+        for top, band in bands:
+            if top >= height:
+                break
+            # the input rows under the band, for tasks whose colour needs the input (colorize: s = 1)
+            band = band if task is None else task.rgb(band, xd[..., top // s : top // s + band.shape[-2] // s, :])
+            band = band[0, :, : height - top, :width]
+            if not bool(band.isfinite().all()):
+                raise ValueError(f"sample: non-finite values in the output for '{path}' (the weights produce NaN/inf)")
+            band8 = to_uint8(band).cpu()
+            preview.add(band8)
+            yield band8.permute(1, 2, 0).numpy()
+
+    with eval_mode(model):
+        atomic_write(
+            path, lambda f: write_png_rows(f, width, height, 3 if task is not None else _channels(model), rows())
+        )
+    return preview.image()
+
+
+def _channels(model: TowerModel) -> int:
+    c = model.cfg.out_channels
+    if c not in (1, 3):
+        raise ValueError(f"outputs of {c} channels need the task to become an image (weights without a task?)")
+    return c
+
+
+class _Preview:
+    """A reduced copy of an image that arrives band by band: means of `factor` x `factor` blocks (the
+    last partial blocks dropped), as the rows pass."""
+
+    def __init__(self, factor: int):
+        self.f, self.pending, self.rows = factor, None, []
+
+    def add(self, band8: Tensor) -> None:
+        t = band8 if self.pending is None else torch.cat([self.pending, band8], dim=-2)
+        n = t.shape[-2] // self.f * self.f
+        if n:
+            self.rows.append(F.avg_pool2d(t[None, :, :n].float(), self.f)[0] / 255.0)
+        self.pending = t[:, n:]
+
+    def image(self) -> Tensor:
+        img = torch.cat(self.rows, dim=-2)
+        return img.expand(3, -1, -1) if img.shape[0] == 1 else img
+
+
+def write_png_rows(f: BinaryIO, width: int, height: int, channels: int, rows: Iterator[np.ndarray]) -> None:
+    """Write an 8-bit PNG (grey or RGB) to `f` from bands of rows, uint8 arrays (r, width, channels),
+    compressing as they come: memory is one band, whatever the image size. Every row is Paeth-filtered
+    (zlib level 6, as Pillow's default): files within a few percent of Pillow's."""
+
+    def chunk(kind: bytes, data: bytes) -> None:
+        f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+
+    f.write(b"\x89PNG\r\n\x1a\n")
+    chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2 if channels == 3 else 0, 0, 0, 0))
+    z, prev, done, pending = zlib.compressobj(6), np.zeros(width * channels, np.uint8), 0, []
+    for band in rows:
+        band = np.ascontiguousarray(band).reshape(band.shape[0], width * channels)
+        for i in range(0, band.shape[0], 64):  # int16 temporaries of 64 rows at a time
+            part = band[i : i + 64]
+            pending.append(z.compress(_paeth(part, prev, channels)))
+            prev = part[-1]
+        done += band.shape[0]
+        if sum(map(len, pending)) > 1 << 20:
+            chunk(b"IDAT", b"".join(pending))
+            pending = []
+    if done != height:
+        raise ValueError(f"write_png_rows: got {done} rows for a {height}-row image")
+    pending.append(z.flush())
+    chunk(b"IDAT", b"".join(pending))
+    chunk(b"IEND", b"")
+
+
+def _paeth(rows: np.ndarray, prev: np.ndarray, bpp: int) -> bytes:
+    """PNG filter type 4 (Paeth) of rows (r, width * bpp) uint8, `prev` the row above the first; each
+    row prefixed with its filter byte."""
+    raw = rows.astype(np.int16)
+    up = np.vstack([prev[None].astype(np.int16), raw[:-1]])
+    left = np.zeros_like(raw)
+    left[:, bpp:] = raw[:, :-bpp]
+    upleft = np.zeros_like(raw)
+    upleft[:, bpp:] = up[:, :-bpp]
+    p = left + up - upleft
+    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
+    pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+    out = np.empty((raw.shape[0], raw.shape[1] + 1), np.uint8)
+    out[:, 0] = 4
+    out[:, 1:] = (raw - pred).astype(np.uint8)  # modulo 256
+    return out.tobytes()
 
 
 def _tile_side(

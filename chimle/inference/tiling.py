@@ -10,6 +10,8 @@ shared. The last level's outputs are blended into one canvas with cosine ramps a
     codes = model.sample_codes(1, g, input_hw=hw)
     y = tiled_forward(model, x, codes, tile=256, overlap=64)           # (N, C, h * s, w * s)
     y = tiled_forward(model, x, codes, tile=auto_tile(model, (h, w), "4GB"), overlap=64)
+    for row, rows in tiled_bands(model, x, codes, tile=256, overlap=64):   # the same, a band at a time
+        ...                                                                 # (N, C, r, w * s): rows row..row+r
 
 Whole-image statistics. Every AdaIN normalises its feature by the mean and variance over the whole
 image. A tile on its own would use its own statistics, and its tone would drift from its neighbours'
@@ -42,11 +44,20 @@ agree with the untiled pass to ~3e-7 beyond 20 input px of a tile edge ("same" l
 level works at 1/2^(L-1) of the resolution) or 8 input px (64 output px, 8x SR). A trained tower
 has a wider effective receptive field (its residual branches are no longer scaled near zero), so
 give the overlap room: a quarter of the tile is a reasonable default.
+
+Memory. The tiles run one at a time (their activations are what `auto_tile` fits into a budget); their
+blended output is accumulated one band (a row of tiles) at a time: once a band is done, the rows that
+no later band overlaps are final and leave (`tiled_bands` yields them, `tiled_forward` copies them
+into its result). Besides the tiles, the codes and the input, a pass holds one band's accumulator:
+float32 x C x (tile x s) rows x (W x s) columns, and 1-D blending weights (the ramps are separable, so
+the weights of the whole canvas are an outer product of two vectors). `tiled_forward` adds its float32
+result; `chimle sample --tile` (`inference.files`) streams the bands into the PNG instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -59,7 +70,7 @@ from ..memory import bytes_per_row, parse_bytes
 from ..model import LevelState, NormStats, TowerModel
 from ..resample import resize
 
-__all__ = ["tiled_forward", "auto_tile", "padded_hw", "pad_to_tower", "tile_starts", "blend_ramp"]
+__all__ = ["tiled_forward", "tiled_bands", "auto_tile", "padded_hw", "pad_to_tower", "tile_starts", "blend_ramp"]
 
 Stats = Literal["lowres", "aggregate", "full", "tile"]
 
@@ -167,6 +178,29 @@ def tiled_forward(
     layout). `codes` are whole codes for the padded input, `model.latent_layout(padded_hw(model, (H, W)))`.
     x and the result stay on x's device (the CPU can hold a big canvas); tiles run on the model's device.
     """
+    out: Tensor | None = None
+    for row, rows in tiled_bands(model, x, codes, tile, overlap, stats, lowres_factor):
+        if out is None:
+            h, w = x.shape[-2:]
+            out = rows.new_empty(*rows.shape[:2], h * model.cfg.scale, w * model.cfg.scale)
+        out[..., row : row + rows.shape[-2], :] = rows
+    assert out is not None
+    return out
+
+
+@torch.inference_mode()
+def tiled_bands(
+    model: TowerModel,
+    x: Tensor,
+    codes: Codes,
+    tile: int,
+    overlap: int,
+    stats: Stats = "lowres",
+    lowres_factor: int | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """`tiled_forward`'s output a band at a time, top to bottom: (row, rows) with rows (N, C, r, W * s)
+    the final values of output rows [row, row + r) (float, on x's device). Together the bands cover the
+    H * s rows exactly once; only one band's accumulator is held (see "Memory" above)."""
     if stats not in ("lowres", "full", "tile", "aggregate"):
         raise ValueError(f"stats must be 'lowres', 'full', 'tile' or 'aggregate', got {stats!r}")
     if len(codes) != model.cfg.levels:
@@ -196,13 +230,20 @@ def tiled_forward(
             state = model.step(l, state, z, None if norm is None else norm[l - 1])
         return state.output.float().to(x.device)
 
-    def ramps(i: int, j: int) -> Tensor:
+    def ramp(starts: list[int], k: int, size: int) -> Tensor:
         # Ramps only towards neighbouring tiles: the image border keeps full weight.
-        up = (ys[i - 1] + th - ys[i]) * s if i > 0 else 0
-        down = (ys[i] + th - ys[i + 1]) * s if i + 1 < len(ys) else 0
-        left = (xs[j - 1] + tw - xs[j]) * s if j > 0 else 0
-        right = (xs[j] + tw - xs[j + 1]) * s if j + 1 < len(xs) else 0
-        return blend_ramp(th * s, up, down, x.device)[:, None] * blend_ramp(tw * s, left, right, x.device)
+        before = (starts[k - 1] + size - starts[k]) * s if k > 0 else 0
+        after = (starts[k] + size - starts[k + 1]) * s if k + 1 < len(starts) else 0
+        return blend_ramp(size * s, before, after, x.device)
+
+    ramps_y = [ramp(ys, i, th) for i in range(len(ys))]
+    ramps_x = [ramp(xs, j, tw) for j in range(len(xs))]
+    # A tile's weights are ramp_y[i] x ramp_x[j], so the canvas's total weight is an outer product too.
+    total_y, total_x = torch.zeros(h * s, device=x.device), torch.zeros(w * s, device=x.device)
+    for y0, r in zip(ys, ramps_y):
+        total_y[y0 * s : (y0 + th) * s] += r
+    for x0, r in zip(xs, ramps_x):
+        total_x[x0 * s : (x0 + tw) * s] += r
 
     grid = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
     # Weight norm recomputes every conv weight on each access: compute them once for all tiles.
@@ -219,16 +260,22 @@ def tiled_forward(
             for i, j in grid:
                 rec = [NormStats() for _ in codes]
                 run(ys[i], xs[j], rec)
-                per_tile.append((rec, float(ramps(i, j).sum())))
+                per_tile.append((rec, float(ramps_y[i].sum() * ramps_x[j].sum())))
             shared = _combine(per_tile)
-        canvas = torch.zeros(x.shape[0], cfg.out_channels, h * s, w * s, device=x.device)
-        weight = torch.zeros(1, 1, h * s, w * s, device=x.device)
-        for i, j in grid:
-            wt = ramps(i, j)
-            region = (..., slice(ys[i] * s, (ys[i] + th) * s), slice(xs[j] * s, (xs[j] + tw) * s))
-            canvas[region] += wt * run(ys[i], xs[j], shared)
-            weight[region] += wt
-    return (canvas / weight)[..., : h0 * s, : w0 * s]
+        carry: Tensor | None = None  # rows of the previous band that this band overlaps, accumulated
+        for i, y0 in enumerate(ys):
+            band = torch.zeros(x.shape[0], cfg.out_channels, th * s, w * s, device=x.device)
+            if carry is not None:
+                band[..., : carry.shape[-2], :] = carry
+            for j, x0 in enumerate(xs):
+                band[..., x0 * s : (x0 + tw) * s] += ramps_y[i][:, None] * ramps_x[j] * run(y0, x0, shared)
+            done = (ys[i + 1] - y0) * s if i + 1 < len(ys) else th * s  # rows no later band touches
+            carry = band[..., done:, :].clone() if i + 1 < len(ys) else None
+            top, bottom = y0 * s, min(y0 * s + done, h0 * s)  # the reflect-padded rows are cropped
+            if bottom > top:
+                rows = band[..., : bottom - top, : w0 * s] / (total_y[top:bottom, None] * total_x[: w0 * s])
+                yield top, rows
+            del band
 
 
 def _combine(per_tile: list[tuple[list[NormStats], float]]) -> list[NormStats]:

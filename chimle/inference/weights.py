@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,61 @@ class CheckpointError(ValueError):
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint's state dict. A file that cannot be used raises CheckpointError with one of
+    three one-line messages: it does not exist; it is damaged (empty, truncated, corrupted: a PyTorch
+    archive that does not read back); it is not a chimle checkpoint (another kind of file, or a PyTorch
+    file holding something else). torch's own first line ("Weights only load failed...") would suggest
+    an unsafe reload, which is never the fix here."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint '{path}' is damaged: the file is empty")
+    if not head.startswith(_ZIP_MAGIC):  # torch.save writes a zip archive; anything else is another file
+        raise CheckpointError(f"'{path}' is not a chimle checkpoint: {_describe_file(head)}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read: {str(e).splitlines()[0]}") from None
+        text = " ".join(str(e).split())
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:  # a whole archive, but of pickled Python objects: someone else's file
+            raise CheckpointError(
+                f"'{path}' is not a chimle checkpoint: it holds Python objects ({unsafe.group(1)}) that chimle "
+                f"checkpoints never contain (not loaded, for safety)"
+            ) from None
+        raise CheckpointError(f"checkpoint '{path}' is damaged (truncated or corrupted): {_reason(text)}") from None
+    if not isinstance(state, dict) or not (
+        str(state.get("format", "")).startswith("chimle-") or {"model", "model_config"} <= set(state)
+    ):
+        what = type(state).__name__
+        if isinstance(state, dict):
+            what = f"a dict with keys {', '.join(map(str, list(state)[:4]))}"
+        raise CheckpointError(f"'{path}' is not a chimle checkpoint: a PyTorch file holding {what}")
+    return state
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _describe_file(head: bytes) -> str:
+    """What a file that is not a PyTorch archive looks like, from its first bytes."""
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "it is an image"
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
+        return "it looks like safetensors weights (sample from them; training resumes from a .pt checkpoint)"
+    if head[:1] == b"\x80":
+        return "it is a bare Python pickle, not the PyTorch archive chimle writes"
+    return "not a PyTorch file"
+
+
+def _reason(text: str) -> str:
+    """torch's message for an unreadable archive, without its boilerplate."""
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if m:
+        return f"its pickled index does not decode ({m.group(1).strip()})"
+    return text.split(". This is an internal")[0].split(". ")[0][:200]
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:

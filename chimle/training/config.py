@@ -28,6 +28,7 @@ from ..search import ABLATIONS
 
 __all__ = [
     "METHODS",
+    "ON_NONFINITE",
     "Config",
     "DataConfig",
     "SearchConfig",
@@ -42,6 +43,7 @@ __all__ = [
 
 
 METHODS = ("chimle", "cimle")  # hierarchical (Algorithm 1) | flat (Eq. 1)
+ON_NONFINITE = ("stop", "skip", "rollback")  # train.on_nonfinite
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,14 @@ class TrainConfig:
     sample_every: int = 500  # steps between sample grids (0 = only at the end)
     grid_inputs: int = 4  # held-out inputs in a sample grid
     grid_samples: int = 4  # samples per input in a sample grid
+    # What a non-finite (NaN/inf) loss or weight does: stop (one line naming the step, the loss, the learning
+    # rate and the last good checkpoint) | skip (drop that step's update and go on; stops after
+    # trainer.MAX_SKIPS in a row) | rollback (reload the last good checkpoint at half the learning rate).
+    on_nonfinite: str = "stop"
+    check_weights_every: int = 100  # steps between NaN/inf checks of the weights (the loss: every step; 0 = at saves)
+    # Seconds a rank waits for the others in a collective before it gives up with a message (a dead or
+    # stuck rank); must exceed the longest time one rank can run ahead (a chunk of the search, a checkpoint).
+    dist_timeout: float = 600.0
 
 
 @dataclass
@@ -211,6 +221,7 @@ def validate(cfg: Config) -> None:
         "search.ablation": (cfg.search.ablation, ABLATIONS),
         "search.distance": (cfg.search.distance, tuple(DISTANCES)),
         "preset": (cfg.preset, tuple(PRESETS)),
+        "train.on_nonfinite": (cfg.train.on_nonfinite, ON_NONFINITE),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -227,6 +238,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.train.check_weights_every < 0:
+        raise ConfigError(f"train.check_weights_every: must be >= 0, got {cfg.train.check_weights_every}")
+    if not cfg.train.dist_timeout > 0:
+        raise ConfigError(f"train.dist_timeout: must be > 0 seconds, got {cfg.train.dist_timeout}")
     if any(m < 1 for m in cfg.search.samples_per_level):
         raise ConfigError(f"search.samples_per_level: counts must be >= 1, got {cfg.search.samples_per_level}")
     if cfg.data.task == "sr" and (cfg.data.scale < 2 or cfg.data.scale & (cfg.data.scale - 1)):

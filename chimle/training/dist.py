@@ -9,12 +9,19 @@ each rank searches codes for its own shard of the pool (the search is the expens
 the codes are all-gathered so every rank holds the whole pool, every rank takes its slice of the
 same global batch, DDP all-reduces (averages) the gradients, and only rank 0 writes checkpoints,
 logs and grids. Checkpoints hold no per-rank state, so a run resumes under any world size.
+
+Faults. A rank that dies (killed, out of memory, its machine gone) must not leave the others waiting
+forever: every collective gives up after `timeout` seconds (`train.dist_timeout`; gloo's own timeout,
+NCCL's watchdog with async error handling), a dead peer's closed connection fails the others at once,
+and `lost_peer(e)` / `describe_lost(e)` turn what torch raises into one line. Ranks agree on stopping
+(`any_rank`) so that Ctrl-C on one of them never leaves the others inside a collective.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as torch_dist
@@ -34,18 +41,28 @@ __all__ = [
     "assert_in_sync",
     "barrier",
     "shard",
+    "any_rank",
+    "lost_peer",
+    "describe_lost",
 ]
+
+_timeout = 600.0  # seconds; set by init() from train.dist_timeout
 
 
 def enabled() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
-def init(device: str = "auto") -> torch.device:
-    """Join the process group if launched by torchrun; return this process's device."""
+def init(device: str = "auto", timeout: float = 600.0) -> torch.device:
+    """Join the process group if launched by torchrun; return this process's device. `timeout`: seconds
+    any collective (and the rendezvous) waits for the other ranks before failing instead of hanging."""
+    global _timeout
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not enabled():
         use_cuda = torch.cuda.is_available() and device != "cpu"
-        torch_dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        if use_cuda:  # without it a NCCL collective whose peer is gone can block past the timeout
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        _timeout = float(timeout)
+        torch_dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return local_device(device)
 
 
@@ -137,5 +154,51 @@ def assert_in_sync(model: nn.Module) -> None:
 
 
 def barrier() -> None:
-    if enabled():
+    """Wait for every rank. Under gloo a monitored barrier, whose error names the ranks that did not
+    arrive within the timeout."""
+    if not enabled():
+        return
+    if torch_dist.get_backend() == "gloo":
+        torch_dist.monitored_barrier(timeout=datetime.timedelta(seconds=_timeout), wait_all_ranks=True)
+    else:
         torch_dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (so all ranks take the same branch, e.g. stopping)."""
+    if not enabled():
+        return flag
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=dev)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# What gloo and NCCL say when a peer died, hung or became unreachable (they raise plain RuntimeErrors).
+_LOST = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Timed out|timed out|Timeout|failed to pass monitoredBarrier"
+    r"|NCCL|ProcessGroupGloo|gloo/transport|Socket|Connection refused"
+)
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank died, hung or is unreachable."""
+    if not enabled():
+        return False
+    if isinstance(e, getattr(torch_dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and bool(_LOST.search(str(e)))
+
+
+def describe_lost(e: BaseException) -> str:
+    """One line for a lost rank: what happened, without torch's source paths and advice."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)  # "[.../pair.cc:537] "
+    text = text.split(". This is typically")[0].split(" Check the logs")[0].strip().rstrip(".")
+    if re.search(r"Timed out|timed out|Timeout|monitoredBarrier", text):
+        what = f"no answer from another rank within {_timeout:g} s (train.dist_timeout): one is stuck or gone"
+    elif re.search(r"closed|reset|Broken pipe|refused", text):
+        what = "another rank died"
+    else:
+        what = "a collective failed"
+    return f"rank {rank()}: {what} ({text[:160]})"

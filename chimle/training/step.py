@@ -2,6 +2,16 @@
 
 opt = torch.optim.Adam(param_groups(model, lr=1e-4, mapping_lr_mult=0.01))
 losses = optimize_step(model, opt, x, y, codes, distance, to_rgb=task.rgb, loss_scale=1 / batch)
+losses = optimize_step(model, opt, x, None, codes, distance, targets=pool.loss_targets(rows, sizes, distance, dev))
+
+What a step costs, and what was cut (`benchmarks/train_step.py` measures it; small preset, batch 4,
+8 -> 64 px, LPIPS-VGG, one CPU thread: 820 -> 660 ms): the tower's forward and backward and LPIPS-VGG's
+forward and backward on the three outputs are the work, and run at 70-90% of the machine's matmul
+rate. Cut: LPIPS-VGG on the targets (a fifth of the step), which do not change during a round
+(`Pool.loss_targets` embeds each pool entry once per round); Adam's per-parameter loop over the ~350
+tensors of a tower (fused kernel: 16 -> 7 ms); the tower's NCHW layout on the CPU (channels-last:
+3-5%). Measured and kept: weight norm (each weight-normalised conv weight is computed once per
+forward already; 10 ms with its backward).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import latent
-from ..loss import Distance, ToRGB, level_losses
+from ..loss import Distance, LevelTarget, ToRGB, level_losses
 from ..model import TowerModel
 
 __all__ = ["param_groups", "optimize_step"]
@@ -21,19 +31,30 @@ __all__ = ["param_groups", "optimize_step"]
 
 def param_groups(model: TowerModel, lr: float, mapping_lr_mult: float) -> list[dict[str, Any]]:
     """Adam's parameter groups: everything at `lr`, the mapping networks (the global stream) at
-    lr x `mapping_lr_mult` (0.01 in the authors' code)."""
+    lr x `mapping_lr_mult` (0.01 in the authors' code).
+
+    The groups ask for Adam's fused kernel where this torch has one for the model's device: the
+    default loops over the ~350 tensors of a tower (weight norm splits every conv weight in two), a
+    few small kernels each; fused, it takes a quarter to a half of the time (small preset on a CPU:
+    16-33 -> 7-9 ms). The same update up to float rounding."""
     mapping = {id(p) for p in model.mapping_parameters()}
+    fused = {"fused": True} if _fused_adam(next(model.parameters()).device) else {}
     return [
-        {"params": [p for p in model.parameters() if id(p) not in mapping], "lr": lr},
-        {"params": model.mapping_parameters(), "lr": lr * mapping_lr_mult},
+        {"params": [p for p in model.parameters() if id(p) not in mapping], "lr": lr, **fused},
+        {"params": model.mapping_parameters(), "lr": lr * mapping_lr_mult, **fused},
     ]
+
+
+def _fused_adam(device: torch.device) -> bool:
+    # CUDA since torch 2.0, the CPU since 2.4 (a group's "fused" skips the constructor's device check)
+    return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= "2.4")
 
 
 def optimize_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     codes: latent.Codes,
     distance: Distance,
     *,
@@ -41,22 +62,37 @@ def optimize_step(
     loss_scale: float = 1.0,
     amp: bool = True,
     pixel_weight: float = 0.0,
+    targets: list[LevelTarget] | None = None,
+    cpu_amp: bool = False,
 ) -> Tensor:
     """One optimizer step: forward all levels, loss = loss_scale * sum of the per-level losses
     (`chimle.loss.level_losses`), backward, step. `model` is the tower (or its DDP / torch.compile
     wrapper). Returns the detached (N, L) losses.
 
-    On CUDA the forward runs under bf16 autocast (if `amp`) on channels-last inputs (conv outputs and
-    their gradients inherit the layout, which cuDNN's bf16 kernels prefer); the CPU path is plain
-    float32, so CPU runs stay bit-for-bit reproducible.
+    `targets` (`chimle.loss.level_targets` of y, e.g. `Pool.loss_targets`) replaces y: the same loss
+    without resizing and embedding the targets on every step.
+
+    The tower runs on channels-last inputs; on CUDA under bf16 autocast (if `amp`), the loss in float32.
+    The CPU path is plain float32, so CPU runs stay bit-for-bit reproducible; `cpu_amp` runs the
+    forward under the CPU's bf16 autocast instead (for `chimle bench gpu`'s precision checks).
     """
     cuda = x.device.type == "cuda"
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-        codes = latent.channels_last(codes)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda and amp else contextlib.nullcontext():
+    # Channels-last activations: cuDNN's bf16 kernels prefer them, and oneDNN runs the tower's narrow
+    # convolutions 3-5% faster on them too (small and tiny presets, both layouts; measured with
+    # benchmarks/train_step.py). Conv outputs and their gradients inherit the layout from the input.
+    x = x.contiguous(memory_format=torch.channels_last)
+    codes = latent.channels_last(codes)
+    if cuda and amp:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    elif not cuda and cpu_amp:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+    with autocast:
         outs = model(x, codes)
-    losses = level_losses(outs, x, y, distance, to_rgb, pixel_weight)  # (n, L)
+    if not cuda:  # but oneDNN runs LPIPS's VGG ~25% slower on channels-last: hand it the usual layout
+        outs = [o.contiguous() for o in outs]
+    losses = level_losses(outs, x, y, distance, to_rgb, pixel_weight, targets=targets)  # (n, L)
     opt.zero_grad(set_to_none=True)
     (losses.sum() * loss_scale).backward()
     opt.step()

@@ -1,0 +1,693 @@
+"""`chimle explore`: a web page to explore the modes of a model, with guided search toward a user's hint.
+
+    chimle explore WEIGHTS [--host 127.0.0.1] [--port 7860]      # exported .safetensors, checkpoint or name
+    chimle explore --demo                                        # a random-init tiny 8x SR tower: a smoke run
+    python -m chimle.apps.explore ...                            # the same
+
+A small FastAPI app (the `app` extra: `pip install "chimle[app]"`) serving one static page
+(chimle/apps/static/) and a JSON API over `chimle.inference.explore`. Why not Gradio: its page does
+load nothing from outside (measured), but every Gradio 6 release requires Pillow < 13 and would
+downgrade the project's Pillow, and it brings ~260 MB of dependencies and a 7-9 s import.
+
+The page loads nothing but this server's own files: no font, script or analytics from outside. The
+server keeps the inputs and results of recent requests (bounded, oldest dropped) in memory, each result
+with its latent code, and runs one model job at a time (a lock; later requests wait their turn).
+
+Bad input never stops the server: a non-image or corrupt upload, an image whose outputs would exceed
+`--max-pixels`, an empty hint, an unknown id each answer 400 with a one-line `message` that the page
+shows; grey, RGBA, palette and 16-bit images are converted (`chimle.data.imageio.load_image`).
+
+API (JSON in and out; uploads are the raw file as the request body):
+    GET  /api/info                                   model, task, levels, examples, limits
+    POST /api/input?name=F&degrade=0|1   (file)      -> input id, its picture, the real image if degraded
+    POST /api/example?name=N&degrade=0|1             a bundled photo (scikit-image's) as the input
+    POST /api/sample      {input, num, seed}         -> items (each: id, png, npz, label, consistency)
+    POST /api/vary        {item, level, num, seed}   -> items sharing z_1..z_{level-1} with `item`
+    POST /api/interpolate {a, b, steps}              -> frames between two items' codes
+    POST /api/reference?input=I&name=F   (file)      -> a reference image for the guided search
+    POST /api/guided      {input, hint | reference, k, samples, refine_steps, seed, compare}
+    GET  /api/item/ID.png, /api/item/ID.npz          a result and its code (`chimle sample --code`)
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time
+# (`request: Request` inside build_app, where Request is a local name), and string annotations would hide them.
+import argparse
+import base64
+import binascii
+import io
+import os
+import re
+import secrets
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import latent
+from ..data.imageio import BUILTIN_PHOTOS, ImageError, load_image
+from ..data.tasks import Task, make_task
+from ..inference import explore as ex
+from ..inference.weights import load_with_task
+from ..latent import Codes
+from ..model import TowerConfig, TowerModel
+from ..rng import seeded
+
+__all__ = ["main", "build_app", "Explorer", "demo_model"]
+
+STATIC = ("explore.html", "explore.js", "explore.css")
+# How many results (each one code + one image) and inputs the server keeps, the oldest dropped first: enough
+# for a long session on the page, little enough to stay in memory.
+MAX_ITEMS = 512
+MAX_INPUTS = 16
+
+
+@dataclass
+class Item:
+    """One result shown on the page: its image (cropped), its code (batch 1) and what the page prints."""
+
+    id: str
+    input: str
+    image: Tensor
+    codes: Codes
+    label: str
+    info: dict[str, Any] = field(default_factory=dict)
+    _png: bytes | None = None
+
+    def png(self) -> bytes:
+        if self._png is None:
+            self._png = ex.to_png_bytes(self.image)
+        return self._png
+
+
+@dataclass
+class Entry:
+    """An input: what the model sees, the name of its file, and a stored reference image if any."""
+
+    id: str
+    name: str
+    inp: ex.Input
+    shown: Tensor  # (3, h, w): the input as a picture
+    reference: Tensor | None = None
+
+
+class BadRequest(ValueError):
+    """A request the page should explain in one line (HTTP 400)."""
+
+
+class Explorer:
+    """The state and the operations of the page, independent of the web framework (tested directly)."""
+
+    def __init__(
+        self,
+        model: TowerModel,
+        task: Task | None,
+        *,
+        name: str = "model",
+        max_pixels: int = 1 << 20,
+        max_upload: int = 50 << 20,
+        workdir: str | Path | None = None,
+    ):
+        self.model, self.task, self.name = model.eval(), task, name
+        self.max_pixels, self.max_upload = max_pixels, max_upload
+        # uploads are written here only while they are decoded (load_image reads files)
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="chimle-explore-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.inputs: OrderedDict[str, Entry] = OrderedDict()
+        self.items: OrderedDict[str, Item] = OrderedDict()
+        self.job = threading.Lock()  # one model job at a time
+        self._lpips = None
+        self._counter = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _id(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}{secrets.token_hex(2)}"
+
+    def _entry(self, key: str | None) -> Entry:
+        if not key or key not in self.inputs:
+            raise BadRequest("no input yet (or it expired): upload an image or pick an example first")
+        return self.inputs[key]
+
+    def _item(self, key: str | None) -> Item:
+        if not key or key not in self.items:
+            raise BadRequest(f"unknown result '{key}' (expired?): draw samples again")
+        return self.items[key]
+
+    def _add(self, entry: Entry, images: Tensor, codes: Codes, labels: list[str], infos: list[dict]) -> list[Item]:
+        out = []
+        for i, (label, info) in enumerate(zip(labels, infos)):
+            it = Item(self._id("r"), entry.id, images[i].clone(), latent.index(codes, [i]), label, info)
+            self.items[it.id] = it
+            out.append(it)
+        while len(self.items) > MAX_ITEMS:
+            self.items.popitem(last=False)
+        return out
+
+    def _infos(self, entry: Entry, images: Tensor) -> list[dict]:
+        """Per-image figures: the super-resolution consistency (error of the sample brought back to the
+        input's size), in 8-bit levels so that it reads like a pixel error."""
+        if self.task is None or self.task.name != "sr":
+            return [{} for _ in range(images.shape[0])]
+        x = entry.inp.x[..., : entry.inp.hw[0], : entry.inp.hw[1]]
+        err = ex.consistency(images, x, self.task)
+        return [{"consistency": round(float(e) * 255, 3)} for e in err]
+
+    def info(self) -> dict:
+        cfg = self.model.cfg
+        task = self.task
+        return {
+            "model": self.name,
+            "task": task.name if task is not None else None,
+            "levels": cfg.levels,
+            "scale": cfg.scale,
+            "can_degrade": task is not None and not task.paired,
+            "consistency": task is not None and task.name == "sr",
+            "examples": sorted(BUILTIN_PHOTOS),
+            "max_pixels": self.max_pixels,
+            "defaults": {"num": 8, "level": min(2, cfg.levels), "steps": 16, "k": 4, "samples": 32, "refine": 0},
+        }
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def add_input(self, name: str, degrade: bool, data: bytes) -> dict:
+        """An uploaded file -> a new input. Checks the size from the header before decoding anything."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "upload").name)[:80] or "upload"
+        if len(data) > self.max_upload:
+            raise BadRequest(
+                f"'{safe}' is {len(data) / 2**20:.1f} MB, over the upload limit of {self.max_upload / 2**20:.0f} MB"
+            )
+        if not data:
+            raise BadRequest(f"'{safe}' is empty")
+        path = self.workdir / f"{self._id('u')}_{safe}"
+        path.write_bytes(data)
+        try:
+            return self._input_from(path, safe, degrade)
+        except ImageError as err:  # name the uploaded file, not the server's temporary copy
+            raise BadRequest(f"bad image '{safe}': {err.problem}") from None
+        finally:
+            path.unlink(missing_ok=True)
+
+    def add_example(self, name: str, degrade: bool) -> dict:
+        """A photo bundled with scikit-image, centre-cropped to 256 px (fast on a CPU), as the input."""
+        from ..data.imageio import builtin_photo_dir
+
+        if name not in BUILTIN_PHOTOS:
+            raise BadRequest(f"no example '{name}' (available: {', '.join(sorted(BUILTIN_PHOTOS))})")
+        path = builtin_photo_dir() / f"{name}.png"  # written once, from the scikit-image wheel
+        if not path.is_file():
+            raise BadRequest(f"the example '{name}' is not in this scikit-image installation")
+        img = load_image(path)
+        h, w = img.shape[-2:]
+        s = min(256, h, w)
+        img = img[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        return self._register(img, name, degrade and self.info()["can_degrade"], "(example, centre 256 px)")
+
+    def _input_from(self, path: Path, name: str, degrade: bool) -> dict:
+        from PIL import Image
+
+        note = ""
+        try:  # the header alone: refuse a huge image before decoding it
+            with Image.open(path) as im:
+                (w, h), mode = im.size, im.mode
+        except Exception:  # noqa: BLE001 - load_image turns it into the one-line message
+            load_image(path)
+            raise
+        s = self.model.cfg.scale
+        out_px = h * w if degrade else h * w * s * s
+        if out_px > self.max_pixels:
+            hint = " (tick 'degrade it first' for a full-resolution photo)" if not degrade and s > 1 else ""
+            raise BadRequest(
+                f"'{name}' is too large: {w}x{h} gives outputs of {out_px / 1e6:.1f} MP, over the "
+                f"limit of {self.max_pixels / 1e6:.1f} MP (--max-pixels){hint}"
+            )
+        if mode != "RGB":
+            note = f"({mode} converted to RGB)"
+        img = load_image(path)
+        return self._register(img, name, degrade, note)
+
+    def _register(self, img: Tensor, name: str, degrade: bool, note: str) -> dict:
+        inp = ex.prepare(self.model, self.task, img, degrade)
+        shown = self.task.show_input(inp.x[0]) if self.task is not None else inp.x[0][:3]
+        entry = Entry(self._id("i"), name, inp, shown[..., : inp.hw[0], : inp.hw[1]].clamp(0, 1))
+        self.inputs[entry.id] = entry
+        while len(self.inputs) > MAX_INPUTS:
+            self.inputs.popitem(last=False)
+        h, w = inp.output_hw
+        note = f" {note}" if note else ""
+        return {
+            "input": entry.id,
+            "name": name,
+            "width": w,
+            "height": h,
+            "input_png": f"api/input/{entry.id}.png",
+            "target_png": f"api/target/{entry.id}.png" if inp.target is not None else None,
+            "message": f"input '{name}'{note}: {inp.hw[1]}x{inp.hw[0]} -> outputs {w}x{h}",
+        }
+
+    def input_png(self, key: str, target: bool = False) -> bytes:
+        e = self._entry(key)
+        if target:
+            if e.inp.target is None:
+                raise BadRequest("this input has no real image (it was not degraded)")
+            return ex.to_png_bytes(e.inp.crop(e.inp.target))
+        return ex.to_png_bytes(e.shown)
+
+    # -- operations -----------------------------------------------------------------------------
+    def sample(self, input: str | None = None, num: int = 8, seed: int = 0) -> dict:
+        e = self._entry(input)
+        num = _bounded("num", num, 1, 64)
+        g = seeded(int(seed), device=self.model.device)
+        t = time.perf_counter()
+        images, codes = ex.draw_samples(self.model, e.inp.x, num, g, task=self.task)
+        images = e.inp.crop(images)
+        labels = [f"sample {i + 1} (seed {seed})" for i in range(num)]
+        items = self._add(e, images, codes, labels, self._infos(e, images))
+        return self._answer(items, f"{num} samples in {time.perf_counter() - t:.2f} s")
+
+    def vary(self, item: str | None = None, level: int = 2, num: int = 8, seed: int = 0) -> dict:
+        it = self._item(item)
+        e = self._entry(it.input)
+        level = _bounded("level", level, 1, self.model.cfg.levels)
+        num = _bounded("num", num, 1, 64)
+        g = seeded(int(seed), device=self.model.device)
+        t = time.perf_counter()
+        images, codes = ex.vary(self.model, e.inp.x, it.codes, level, num, g, task=self.task)
+        images = e.inp.crop(images)
+        kept = "z1" if level == 2 else f"z1..z{level - 1}"
+        labels = [f"{it.label}, {kept} kept, {i + 1}" if level > 1 else f"redrawn {i + 1}" for i in range(num)]
+        items = self._add(e, images, codes, labels, self._infos(e, images))
+        return self._answer(items, f"{num} variations from level {level} in {time.perf_counter() - t:.2f} s")
+
+    def interpolate(self, a: str | None = None, b: str | None = None, steps: int = 16) -> dict:
+        ia, ib = self._item(a), self._item(b)
+        if ia.input != ib.input:
+            raise BadRequest("the two samples belong to different inputs: pick two samples of this input")
+        if a == b:
+            raise BadRequest("pick two different samples (click one, shift-click another)")
+        steps = _bounded("steps", steps, 2, 64)
+        e = self._entry(ia.input)
+        t = time.perf_counter()
+        codes = ex.interpolate_codes(ia.codes, ib.codes, steps)
+        images = e.inp.crop(ex.render(self.model, e.inp.x, codes, self.task))
+        labels = [f"frame {i + 1}/{steps}" for i in range(steps)]
+        items = self._add(e, images, codes, labels, self._infos(e, images))
+        return self._answer(items, f"{steps} frames in {time.perf_counter() - t:.2f} s")
+
+    def add_reference(self, input: str | None, name: str, data: bytes) -> dict:
+        """A reference image for the guided search: decoded, resized to the outputs' size."""
+        e = self._entry(input)
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "reference").name)[:80] or "reference"
+        if not data or len(data) > self.max_upload:
+            raise BadRequest(f"'{safe}' is empty or over the upload limit")
+        path = self.workdir / f"{self._id('f')}_{safe}"
+        path.write_bytes(data)
+        try:
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except Exception:  # noqa: BLE001
+                load_image(path)
+                raise
+            if w * h > max(self.max_pixels, 1 << 22):
+                raise BadRequest(f"reference '{safe}' is too large ({w}x{h})")
+            img = load_image(path)
+        except ImageError as err:
+            raise BadRequest(f"bad image '{safe}': {err.problem}") from None
+        finally:
+            path.unlink(missing_ok=True)
+        from ..resample import resize
+
+        e.reference = resize(img[None], e.inp.output_hw)
+        return {"reference": e.id, "message": f"reference '{safe}' ({w}x{h}) resized to the outputs' size"}
+
+    def guided(
+        self,
+        input: str | None = None,
+        hint: str | None = None,
+        reference: bool = False,
+        k: int = 4,
+        samples: int | list[int] = 32,
+        refine_steps: int = 0,
+        seed: int = 0,
+        compare: list[str] | None = None,
+    ) -> dict:
+        """The guided search on a painted hint (a PNG data URL, transparent where nothing was painted, at
+        the outputs' size) or on the input's reference image; compared with the plain samples `compare`."""
+        e = self._entry(input)
+        k = _bounded("k", k, 1, 16)
+        refine_steps = _bounded("refine_steps", refine_steps, 0, 200)
+        L = self.model.cfg.levels
+        # One number m: m candidates at level 1, halved at each finer level (at least 2). The finest levels
+        # cost the most per candidate, and the coarse level decides the most (CHIMLE's schedules, e.g.
+        # 200, 200, 20, 10, also put more candidates on the coarse levels).
+        per_level = [max(2, samples >> l) for l in range(L)] if isinstance(samples, int) else list(samples)
+        if len(per_level) != L or not all(isinstance(m, int) and 1 <= m <= 1024 for m in per_level):
+            raise BadRequest(f"samples: a count in 1..1024 (halved per level), or one per level ({L}), got {samples}")
+        if reference:
+            if e.reference is None:
+                raise BadRequest("no reference image for this input: upload one first")
+            hint_t, mask, distance = e.reference, None, self.lpips()
+        else:
+            hint_t, mask = _decode_hint(hint, e.inp.output_hw)
+            distance = None
+        t = time.perf_counter()
+        found = ex.guided_search(
+            self.model,
+            e.inp.x,
+            e.inp.pad(hint_t) if mask is not None else _pad_edge(e.inp, hint_t),
+            e.inp.pad(mask) if mask is not None else None,
+            per_level,
+            seeded(int(seed), device=self.model.device),
+            task=self.task,
+            k=k,
+            refine_steps=refine_steps,
+            distance=distance,
+        )
+        images = e.inp.crop(found.images)
+        # every figure on the page measured the same way: on the cropped images
+        dists = ex.hint_distance(images, hint_t, mask, distance)
+        order = dists.argsort()
+        images, codes, dists = images[order], latent.index(found.codes, order), dists[order]
+        infos = self._infos(e, images)
+        for info, d in zip(infos, dists.tolist()):
+            info["distance"] = d
+        items = self._add(e, images, codes, [f"guided {i + 1}" for i in range(k)], infos)
+        plain = [self.items[c] for c in (compare or []) if c in self.items and self.items[c].input == e.id]
+        plain_d = (
+            ex.hint_distance(torch.stack([p.image for p in plain]), hint_t, mask, distance).tolist() if plain else []
+        )
+        out = self._answer(items, "")
+        out["plain"] = [{"id": p.id, "distance": d} for p, d in zip(plain, plain_d)]
+        kind = "LPIPS to the reference" if mask is None else "masked L2 on the painted pixels"
+        kind += f", {'/'.join(map(str, per_level))} candidates per level"
+        best_plain = f"; best of {len(plain)} samples shown: {min(plain_d):.4g}" if plain else ""
+        out["message"] = f"guided search ({kind}) in {time.perf_counter() - t:.2f} s: best {dists[0]:.4g}{best_plain}"
+        return out
+
+    def lpips(self):
+        if self._lpips is None:
+            from ..distances.lpips import LPIPS
+
+            self._lpips = LPIPS("alex").to(self.model.device).eval()
+        return self._lpips
+
+    def item_png(self, key: str) -> bytes:
+        return self._item(key).png()
+
+    def item_npz(self, key: str) -> bytes:
+        it = self._item(key)
+        e = self._entry(it.input)
+        buf = io.BytesIO()
+        ex.save_code(buf, it.codes, ex.code_meta(self.model, self.task, e.inp, input_name=e.name, label=it.label))
+        return buf.getvalue()
+
+    def _answer(self, items: list[Item], message: str) -> dict:
+        return {
+            "items": [
+                {
+                    "id": it.id,
+                    "png": f"api/item/{it.id}.png",
+                    "npz": f"api/item/{it.id}.npz",
+                    "label": it.label,
+                    **it.info,
+                }
+                for it in items
+            ],
+            "message": message,
+        }
+
+
+def _bounded(name: str, value: Any, lo: int, hi: int) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a whole number, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise BadRequest(f"{name} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _decode_hint(data_url: str | None, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """A painted hint (PNG data URL, RGBA) -> (hint (1, 3, H, W), mask (1, 1, H, W)): mask = painted alpha."""
+    from PIL import Image
+
+    if not data_url:
+        raise BadRequest("the hint is empty: paint on the selected sample first (or upload a reference image)")
+    try:
+        raw = base64.b64decode(data_url.split(",", 1)[-1], validate=False)
+        with Image.open(io.BytesIO(raw)) as im:
+            rgba = torch.from_numpy(np.array(im.convert("RGBA"))).permute(2, 0, 1).float() / 255
+    except (binascii.Error, OSError, ValueError) as err:
+        raise BadRequest(f"the hint is not a PNG image: {' '.join(str(err).split())[:120]}") from None
+    if tuple(rgba.shape[-2:]) != tuple(hw):
+        raise BadRequest(f"the hint is {rgba.shape[-1]}x{rgba.shape[-2]}, the outputs are {hw[1]}x{hw[0]}")
+    mask = (rgba[3:] > 0).float()
+    if float(mask.sum()) == 0:
+        raise BadRequest("the hint is empty: paint on the selected sample first (or upload a reference image)")
+    return rgba[None, :3], mask[None]
+
+
+def _pad_edge(inp: ex.Input, image: Tensor) -> Tensor:
+    """A reference image at the outputs' size -> the padded size, repeating the edge (a whole-image
+    distance then sees no black border)."""
+    h, w = inp.output_hw
+    ph, pw = inp.x.shape[-2] * inp.scale - h, inp.x.shape[-1] * inp.scale - w
+    return torch.nn.functional.pad(image, (0, pw, 0, ph), mode="replicate") if ph or pw else image
+
+
+# ---------------------------------------------------------------------------------------------
+# The web app
+
+
+def build_app(explorer: Explorer):
+    """The FastAPI app: the static page and the JSON API over `explorer`."""
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, Response
+
+    app = FastAPI(title="chimle explore", docs_url=None, redoc_url=None, openapi_url=None)
+    static = resources.files("chimle.apps") / "static"
+    types = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
+
+    async def run(fn, *args, **kw):
+        """Model work in a worker thread (the event loop stays free), one job at a time."""
+
+        def locked():
+            with explorer.job:
+                return fn(*args, **kw)
+
+        try:
+            return JSONResponse(await run_in_threadpool(locked))
+        except (BadRequest, ImageError, ValueError, FileNotFoundError) as err:
+            return _error(err, 400)
+        except Exception as err:  # noqa: BLE001 - the server stays up and the page says what happened
+            return _error(err, 500)
+
+    def _error(err: Exception, status: int) -> JSONResponse:
+        msg = " ".join(str(err).split()) or type(err).__name__
+        if status == 500:
+            msg = f"internal error: {type(err).__name__}: {msg}"
+        return JSONResponse({"message": msg[:300]}, status_code=status)
+
+    def flag(value: str | None) -> bool:
+        return str(value).lower() in ("1", "true", "yes", "on")
+
+    async def body(request: Request) -> bytes:
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > explorer.max_upload:
+            raise BadRequest(
+                f"the file is {int(size) / 2**20:.1f} MB, over the upload limit of {explorer.max_upload / 2**20:.0f} MB"
+            )
+        return await request.body()
+
+    async def json_body(request: Request) -> dict:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise BadRequest("the request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return data
+
+    def page(name: str) -> Response:
+        return Response((static / name).read_bytes(), media_type=types[Path(name).suffix])
+
+    @app.get("/")
+    def index() -> Response:
+        return page("explore.html")
+
+    @app.get("/static/{name}")
+    def static_file(name: str) -> Response:
+        if name not in STATIC:
+            return JSONResponse({"message": f"no static file '{name}'"}, status_code=404)
+        return page(name)
+
+    @app.get("/api/info")
+    def info() -> JSONResponse:
+        return JSONResponse(explorer.info())
+
+    async def api(request: Request, fn, *names: str):
+        """A JSON operation: the body's fields are `fn`'s keyword arguments (unknown ones refused)."""
+        try:
+            data = await json_body(request)
+            unknown = sorted(set(data) - set(names))
+            if unknown:
+                raise BadRequest(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(names)}")
+        except BadRequest as err:
+            return _error(err, 400)
+        return await run(fn, **data)
+
+    async def upload_then(request: Request, fn, *args):
+        """An upload (the raw file as the body): `fn(*args, data)`."""
+        try:
+            data = await body(request)
+        except BadRequest as err:
+            return _error(err, 400)
+        return await run(fn, *args, data)
+
+    @app.post("/api/input")
+    async def upload(request: Request, name: str = "upload", degrade: str = "0"):
+        return await upload_then(request, explorer.add_input, name, flag(degrade))
+
+    @app.post("/api/example")
+    async def example(name: str = "", degrade: str = "1"):
+        return await run(explorer.add_example, name, flag(degrade))
+
+    @app.post("/api/reference")
+    async def reference(request: Request, input: str = "", name: str = "reference"):
+        return await upload_then(request, explorer.add_reference, input or None, name)
+
+    @app.post("/api/sample")
+    async def sample(request: Request):
+        return await api(request, explorer.sample, "input", "num", "seed")
+
+    @app.post("/api/vary")
+    async def vary(request: Request):
+        return await api(request, explorer.vary, "item", "level", "num", "seed")
+
+    @app.post("/api/interpolate")
+    async def interpolate(request: Request):
+        return await api(request, explorer.interpolate, "a", "b", "steps")
+
+    @app.post("/api/guided")
+    async def guided(request: Request):
+        fields = ("input", "hint", "reference", "k", "samples", "refine_steps", "seed", "compare")
+        return await api(request, explorer.guided, *fields)
+
+    def binary(fn, key: str, media: str, filename: str | None = None) -> Response:
+        try:
+            data = fn(key)
+        except BadRequest as err:
+            return _error(err, 404)
+        headers = {"Content-Disposition": f'attachment; filename="{filename}"'} if filename else {}
+        return Response(data, media_type=media, headers=headers)
+
+    @app.get("/api/input/{key}.png")
+    def input_png(key: str) -> Response:
+        return binary(explorer.input_png, key, "image/png")
+
+    @app.get("/api/target/{key}.png")
+    def target_png(key: str) -> Response:
+        return binary(lambda k: explorer.input_png(k, target=True), key, "image/png")
+
+    @app.get("/api/item/{key}.png")
+    def item_png(key: str) -> Response:
+        return binary(explorer.item_png, key, "image/png", _download_name(explorer, key, "png"))
+
+    @app.get("/api/item/{key}.npz")
+    def item_npz(key: str) -> Response:
+        return binary(explorer.item_npz, key, "application/octet-stream", _download_name(explorer, key, "npz"))
+
+    return app
+
+
+def _download_name(explorer: Explorer, key: str, ext: str) -> str:
+    it = explorer.items.get(key)
+    stem = Path(explorer.inputs[it.input].name).stem if it is not None and it.input in explorer.inputs else "result"
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}_{key}.{ext}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def demo_model(seed: int = 0) -> tuple[TowerModel, Task]:
+    """A random-init tiny 8x super-resolution tower: no training, for a smoke run of the page (its
+    samples are noise around the upscaled input, not photos)."""
+    torch.manual_seed(seed)
+    return TowerModel(TowerConfig.preset("tiny", layout="upscale")).eval(), make_task("sr", scale=8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chimle explore", description=__doc__.split("\n\n")[0])
+    p.add_argument("weights", nargs="?", help="exported .safetensors, training checkpoint, or a released name")
+    p.add_argument("--demo", action="store_true", help="no weights: a random-init tiny 8x SR tower (smoke run)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860, help="0 picks a free port (printed)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-pixels", type=int, default=1 << 20, help="largest output, in pixels (default 1 MP)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        print(
+            f"chimle explore: error: needs the app extra ({err.name} is missing): pip install 'chimle[app]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        if a.demo:
+            model, task = demo_model()
+            name = "demo: random-init tiny 8x SR tower (untrained)"
+        elif a.weights:
+            model, task_cfg = load_with_task(a.weights, a.device)
+            task, name = (make_task(**task_cfg) if task_cfg else None), str(a.weights)
+        else:
+            raise ValueError(
+                "give WEIGHTS (exported .safetensors, a training checkpoint or a released name) "
+                "or --demo; no model ships with chimle yet"
+            )
+        model = model.to(a.device)
+        explorer = Explorer(model, task, name=name, max_pixels=a.max_pixels, max_upload=int(a.max_upload_mb * 2**20))
+        app = build_app(explorer)
+        # Bind the socket here so that --port 0 can print the port it got before serving.
+        sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((a.host, a.port))
+    except (ValueError, OSError) as err:
+        if os.environ.get("CHIMLE_DEBUG"):
+            raise
+        print(f"chimle explore: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    host = f"[{a.host}]" if ":" in a.host else a.host
+    print(f"chimle explore: {name} on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
