@@ -20,14 +20,27 @@ component, repeat codes for m candidates, or pick the winners without touching t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Component", "Codes", "LatentLayout", "replace", "repeat", "index", "cat", "flatten", "unflatten", "to",
-           "to_authors", "from_authors"]
+__all__ = [
+    "Component",
+    "Codes",
+    "LatentLayout",
+    "replace",
+    "repeat",
+    "index",
+    "cat",
+    "flatten",
+    "unflatten",
+    "to",
+    "to_authors",
+    "from_authors",
+]
 
 
 class Component(NamedTuple):
@@ -59,8 +72,9 @@ class LatentLayout:
         """k_l, the number of dimensions of each component (sum = n, the size of z)."""
         return [self.code_dim + self.noise_channels * h * w for h, w in self.sizes]
 
-    def sample_level(self, level: int, n: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> Component:
+    def sample_level(
+        self, level: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Component:
         """Draw n i.i.d. N(0, I) components for `level` (1-based)."""
         h, w = self.sizes[level - 1]
         device = device if device is not None else (generator.device if generator is not None else "cpu")
@@ -68,15 +82,27 @@ class LatentLayout:
         noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=device)
         return Component(style, noise)
 
-    def sample(self, n: int, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, levels: int | None = None) -> Codes:
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        levels: int | None = None,
+    ) -> Codes:
         """Draw n whole codes (components of levels 1..levels, default all)."""
-        return [self.sample_level(l, n, generator, device) for l in range(1, (self.levels if levels is None else levels) + 1)]
+        return [
+            self.sample_level(l, n, generator, device)
+            for l in range(1, (self.levels if levels is None else levels) + 1)
+        ]
 
     def zeros(self, n: int, device: torch.device | str | None = None) -> Codes:
         """The all-zero code, used for the cIMLE pretraining stage (z = 0)."""
-        return [Component(torch.zeros(n, self.code_dim, device=device),
-                          torch.zeros(n, self.noise_channels, h, w, device=device)) for h, w in self.sizes]
+        return [
+            Component(
+                torch.zeros(n, self.code_dim, device=device), torch.zeros(n, self.noise_channels, h, w, device=device)
+            )
+            for h, w in self.sizes
+        ]
 
 
 def replace(codes: Codes, level: int, component: Component) -> Codes:
@@ -111,8 +137,10 @@ def channels_last(codes: Codes) -> Codes:
 
 def cat(batches: Sequence[Codes]) -> Codes:
     """Concatenate batches of codes along the batch dimension."""
-    return [Component(torch.cat([b[l].style for b in batches]), torch.cat([b[l].noise for b in batches]))
-            for l in range(len(batches[0]))]
+    return [
+        Component(torch.cat([b[l].style for b in batches]), torch.cat([b[l].noise for b in batches]))
+        for l in range(len(batches[0]))
+    ]
 
 
 def to(codes: Codes, device: torch.device | str, dtype: torch.dtype | None = None) -> Codes:
@@ -130,10 +158,10 @@ def unflatten(z: Tensor, layout: LatentLayout) -> Codes:
         raise ValueError(f"code has {z.shape[1]} dims, layout expects {sum(layout.dims())}")
     out, offset = [], 0
     for h, w in layout.sizes:
-        style = z[:, offset:offset + layout.code_dim]
+        style = z[:, offset : offset + layout.code_dim]
         offset += layout.code_dim
         k = layout.noise_channels * h * w
-        noise = z[:, offset:offset + k].reshape(-1, layout.noise_channels, h, w)
+        noise = z[:, offset : offset + k].reshape(-1, layout.noise_channels, h, w)
         offset += k
         out.append(Component(style, noise))
     return out
@@ -160,8 +188,11 @@ def from_authors(flat: Sequence[Tensor], layout: LatentLayout) -> Codes:
     out = []
     for l, (code, (h, w), k) in enumerate(zip(flat, layout.sizes, layout.dims()), 1):
         if code.ndim != 2 or code.shape[1] != k:
-            raise ValueError(f"level {l}: the authors' code must be (N, {k}) = (N, {layout.code_dim} + "
-                             f"{layout.noise_channels} x {h} x {w}), got {tuple(code.shape)}")
-        out.append(Component(code[:, : layout.code_dim],
-                             code[:, layout.code_dim:].reshape(-1, layout.noise_channels, h, w)))
+            raise ValueError(
+                f"level {l}: the authors' code must be (N, {k}) = (N, {layout.code_dim} + "
+                f"{layout.noise_channels} x {h} x {w}), got {tuple(code.shape)}"
+            )
+        out.append(
+            Component(code[:, : layout.code_dim], code[:, layout.code_dim :].reshape(-1, layout.noise_channels, h, w))
+        )
     return out

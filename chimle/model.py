@@ -46,14 +46,38 @@ __all__ = ["TowerConfig", "TowerModel", "LevelState", "NormStats", "NoiseEncoder
 PRESETS: dict[str, dict[str, Any]] = {
     # The authors' configuration (see REFERENCE.md): 210.62 M parameters in the "upscale" layout; the
     # "same" layout has no upsampler after the last level (it would be unused): 210.55 M.
-    "paper": dict(levels=4, channels=(128, 64, 64, 64), growth=(256, 192, 128, 64), blocks=6,
-                  code_dim=128, noise_channels=5, mapping_width=512, mapping_layers=8),
+    "paper": dict(
+        levels=4,
+        channels=(128, 64, 64, 64),
+        growth=(256, 192, 128, 64),
+        blocks=6,
+        code_dim=128,
+        noise_channels=5,
+        mapping_width=512,
+        mapping_layers=8,
+    ),
     # Same shape, narrower and shallower: trains on a CPU in minutes at 64-128 px.
-    "small": dict(levels=3, channels=(64, 32, 32), growth=(32, 32, 16), blocks=2,
-                  code_dim=32, noise_channels=3, mapping_width=128, mapping_layers=4),
+    "small": dict(
+        levels=3,
+        channels=(64, 32, 32),
+        growth=(32, 32, 16),
+        blocks=2,
+        code_dim=32,
+        noise_channels=3,
+        mapping_width=128,
+        mapping_layers=4,
+    ),
     # For unit tests and the CPU demo.
-    "tiny": dict(levels=3, channels=(16, 12, 8), growth=(8, 8, 8), blocks=1,
-                 code_dim=8, noise_channels=2, mapping_width=32, mapping_layers=2),
+    "tiny": dict(
+        levels=3,
+        channels=(16, 12, 8),
+        growth=(8, 8, 8),
+        blocks=1,
+        code_dim=8,
+        noise_channels=2,
+        mapping_width=32,
+        mapping_layers=2,
+    ),
 }
 
 
@@ -61,27 +85,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 class TowerConfig:
     """Architecture of a Tower Implicit Model. Per-level tuples are ordered coarsest first."""
 
-    levels: int = 4                          # L, number of levels (modules); each doubles the resolution
-    layout: str = "same"                     # "same" (output size == input size) or "upscale" (x 2^L)
-    in_channels: int = 3                     # channels of the conditioning input (1 for colourisation's L)
-    out_channels: int = 3                    # channels of every level's output (2 for colourisation's ab)
-    channels: tuple[int, ...] = (128, 64, 64, 64)    # nf: feature channels of each level's local stream
-    growth: tuple[int, ...] = (256, 192, 128, 64)    # gc: growth channels of the dense blocks
-    blocks: int = 6                          # RRDBs per level, each followed by an AdaIN
-    code_dim: int = 128                      # size of each level's global code (input of the mapping net)
-    noise_channels: int = 5                  # spatial noise channels of each level's latent component
-    mapping_width: int = 512                 # width of the mapping network's layers (size of w)
-    mapping_layers: int = 8                  # linear layers per mapping network
-    feature_scale: float = 0.1               # scale of the previous level's feature fed to the next level
-    residual_scale: float = 0.2              # beta, residual scaling in dense blocks and around each RRDB
-    input_size: int = 256                    # default input side for `sample_codes` (32 for 16x SR)
+    levels: int = 4  # L, number of levels (modules); each doubles the resolution
+    layout: str = "same"  # "same" (output size == input size) or "upscale" (x 2^L)
+    in_channels: int = 3  # channels of the conditioning input (1 for colourisation's L)
+    out_channels: int = 3  # channels of every level's output (2 for colourisation's ab)
+    channels: tuple[int, ...] = (128, 64, 64, 64)  # nf: feature channels of each level's local stream
+    growth: tuple[int, ...] = (256, 192, 128, 64)  # gc: growth channels of the dense blocks
+    blocks: int = 6  # RRDBs per level, each followed by an AdaIN
+    code_dim: int = 128  # size of each level's global code (input of the mapping net)
+    noise_channels: int = 5  # spatial noise channels of each level's latent component
+    mapping_width: int = 512  # width of the mapping network's layers (size of w)
+    mapping_layers: int = 8  # linear layers per mapping network
+    feature_scale: float = 0.1  # scale of the previous level's feature fed to the next level
+    residual_scale: float = 0.2  # beta, residual scaling in dense blocks and around each RRDB
+    input_size: int = 256  # default input side for `sample_codes` (32 for 16x SR)
     # The authors' conventions (niopeng/CHIMLE), for towers converted from their checkpoints
     # (`chimle.inference.convert`); the defaults are chimle's own and leave a tower unchanged.
-    feedback: str = "image"                  # "upscale": what levels > 1 read of the previous output: "image"
+    feedback: str = "image"  # "upscale": what levels > 1 read of the previous output: "image"
     #                                          its [0, 1] output; "tanh" the raw tanh in [-1, 1] (authors' SR)
-    final_convs: bool = False                # "same": conv, LReLU, conv, LReLU between the last level's trunk and
+    final_convs: bool = False  # "same": conv, LReLU, conv, LReLU between the last level's trunk and
     #                                          its head (the authors' colourisation: an `up` block without upsampling)
-    output_mode: str = "tanh01"              # head tanh t -> output: "tanh01" (t + 1) / 2; "ab_times_l" the authors'
+    output_mode: str = "tanh01"  # head tanh t -> output: "tanh01" (t + 1) / 2; "ab_times_l" the authors'
     #                                          colourisation, t = (a / 127) * max(L, 0.01), returned as ab01 (see Level)
 
     # Fields written by `to_dict` only when they differ from their defaults, so that every existing config
@@ -106,11 +130,12 @@ class TowerConfig:
         if self.final_convs and self.layout != "same":
             raise ValueError("final_convs needs the 'same' layout (in 'upscale' the last level has its upsampler)")
         if self.output_mode == "ab_times_l" and (self.layout, self.in_channels, self.out_channels) != ("same", 1, 2):
-            raise ValueError("output_mode 'ab_times_l' is colourisation's: layout 'same', in_channels 1 (L), "
-                             "out_channels 2 (ab)")
+            raise ValueError(
+                "output_mode 'ab_times_l' is colourisation's: layout 'same', in_channels 1 (L), out_channels 2 (ab)"
+            )
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TowerConfig":
+    def preset(cls, name: str, **overrides: Any) -> TowerConfig:
         """A named configuration ("paper", "small", "tiny"); any field can be overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -128,7 +153,7 @@ class TowerConfig:
         return {k: v for k, v in d.items() if not (k in self._CONVENTIONS and v == defaults[k])}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TowerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -138,7 +163,7 @@ class TowerConfig:
     @property
     def scale(self) -> int:
         """Output side / input side."""
-        return 2 ** self.levels if self.layout == "upscale" else 1
+        return 2**self.levels if self.layout == "upscale" else 1
 
     def level_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
         """Input resolution of each level (where its noise lives) for an input of h x w."""
@@ -147,7 +172,7 @@ class TowerConfig:
         f = 2 ** (self.levels - 1)
         if h % f or w % f:
             raise ValueError(f"input {h}x{w} must be divisible by 2^(levels-1) = {f} for the 'same' layout")
-        return [(h * 2 ** l // f, w * 2 ** l // f) for l in range(self.levels)]
+        return [(h * 2**l // f, w * 2**l // f) for l in range(self.levels)]
 
     def output_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
         """Output resolution of each level."""
@@ -238,13 +263,17 @@ class Level(nn.Module):
         # Upsampling: nearest x2, conv, LeakyReLU, conv, LeakyReLU. In the "same" layout it makes the
         # feature handed to the next level (the last level has none); in "upscale" it precedes the head.
         has_up = self.upscale or i < cfg.levels - 1
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), wn_conv(nf, nf), act(),
-                                wn_conv(nf, nf), act()) if has_up else None
+        self.up = (
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), wn_conv(nf, nf), act(), wn_conv(nf, nf), act())
+            if has_up
+            else None
+        )
         # The authors' colourisation gives the last level the same two convs without the upsampling, and
         # its head reads their output (cfg.final_convs).
         last = i == cfg.levels - 1
-        self.refine = (nn.Sequential(wn_conv(nf, nf), act(), wn_conv(nf, nf), act())
-                       if cfg.final_convs and last else None)
+        self.refine = (
+            nn.Sequential(wn_conv(nf, nf), act(), wn_conv(nf, nf), act()) if cfg.final_convs and last else None
+        )
         self.head = wn_conv(nf, cfg.out_channels)
         self.output_mode = cfg.output_mode
 
@@ -262,8 +291,14 @@ class Level(nn.Module):
             return (t / image.clamp(min=0.01) * 127.0 + 128.0) / 255.0
         return (t + 1) / 2
 
-    def forward(self, image: Tensor, z: Component, prev_feature: Tensor | None, earlier_w: list[Tensor],
-                stats: NormStats | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def forward(
+        self,
+        image: Tensor,
+        z: Component,
+        prev_feature: Tensor | None,
+        earlier_w: list[Tensor],
+        stats: NormStats | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Returns (output image in [0, 1], feature at 2x for the next level, w of this level).
 
         `stats` overrides the instance-norm statistics of the AdaINs (see `NormStats`).
@@ -309,16 +344,17 @@ class NormStats:
 class LevelState(NamedTuple):
     """What level l+1 needs from levels 1..l: lets the search run one level at a time."""
 
-    inputs: list[Tensor]         # the conditioning input at every level's resolution
-    feature: Tensor | None       # feature handed to the next level (already upsampled)
-    ws: list[Tensor]             # w_1..w_l of the global streams
-    output: Tensor | None        # the level-l output (the partial output)
+    inputs: list[Tensor]  # the conditioning input at every level's resolution
+    feature: Tensor | None  # feature handed to the next level (already upsampled)
+    ws: list[Tensor]  # w_1..w_l of the global streams
+    output: Tensor | None  # the level-l output (the partial output)
 
-    def index(self, idx: Tensor) -> "LevelState":
+    def index(self, idx: Tensor) -> LevelState:
         """Rows `idx` of the batch (used to expand one input's state over m candidates)."""
         take = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
-        return LevelState([take(t) for t in self.inputs], take(self.feature), [take(w) for w in self.ws],
-                          take(self.output))
+        return LevelState(
+            [take(t) for t in self.inputs], take(self.feature), [take(w) for w in self.ws], take(self.output)
+        )
 
 
 class TowerModel(nn.Module):
@@ -360,8 +396,13 @@ class TowerModel(nn.Module):
         h, w = input_hw if input_hw is not None else (self.cfg.input_size, self.cfg.input_size)
         return LatentLayout(self.cfg.code_dim, self.cfg.noise_channels, tuple(self.cfg.level_sizes(h, w)))
 
-    def sample_codes(self, batch_size: int, generator: torch.Generator | None = None,
-                     input_hw: tuple[int, int] | None = None, device: torch.device | str | None = None) -> Codes:
+    def sample_codes(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        input_hw: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> Codes:
         """Draw whole codes z ~ N(0, I), one component per level, for inputs of size `input_hw`."""
         device = device if device is not None else self.device
         return self.latent_layout(input_hw).sample(batch_size, generator, device)
@@ -387,8 +428,9 @@ class TowerModel(nn.Module):
                 image = 2 * image - 1
         else:
             image = state.inputs[level - 1]
-        out, feat, w = self.levels[level - 1](image, z, None if level == 1 else self.cfg.feature_scale * state.feature,
-                                              state.ws, stats)
+        out, feat, w = self.levels[level - 1](
+            image, z, None if level == 1 else self.cfg.feature_scale * state.feature, state.ws, stats
+        )
         return LevelState(state.inputs, feat, [*state.ws, w], out)
 
     def forward(self, x: Tensor, codes: Codes, stats: list[NormStats] | None = None) -> list[Tensor]:
@@ -418,11 +460,11 @@ class TowerModel(nn.Module):
 
 
 class NoiseEncoder(nn.Module):
-    """cIMLE's noise encoder (IJCV 2020), Sect. 5.2.1: "a 3-layer convolutional net that takes the segmentation x and a lower-dimensional
-    noise vector z~ as input and outputs a noise vector z' of the same size as z"; Sect. 5.2.5: noise
-    z~ of 10 channels, output z' of 10 channels, "the number of output channels in the intermediate
-    layers is 100". (Sect. 5.2.5 gives the segmentation 30 channels; in the authors' code 30 is the
-    encoder's whole input, 20 label channels + 10 noise channels.)
+    """cIMLE's noise encoder (IJCV 2020), Sect. 5.2.1: "a 3-layer convolutional net that takes the
+    segmentation x and a lower-dimensional noise vector z~ as input and outputs a noise vector z' of the
+    same size as z"; Sect. 5.2.5: noise z~ of 10 channels, output z' of 10 channels, "the number of
+    output channels in the intermediate layers is 100". (Sect. 5.2.5 gives the segmentation 30
+    channels; in the authors' code 30 is the encoder's whole input, 20 label channels + 10 noise.)
 
     Kernel sizes, normalisation, activations and initialisation are not in the paper; they follow the
     authors' code (noise_encoder in zth667/Diverse-Image-Synthesis-from-Semantic-Layout, train.py):
@@ -435,9 +477,11 @@ class NoiseEncoder(nn.Module):
         self.seg_channels, self.noise_channels = seg_channels, noise_channels
         self.net = nn.Sequential(
             nn.Conv2d(seg_channels + noise_channels, hidden, 3, padding=1, bias=False),
-            nn.GroupNorm(1, hidden), nn.LeakyReLU(0.2),
+            nn.GroupNorm(1, hidden),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
-            nn.GroupNorm(1, hidden), nn.LeakyReLU(0.2),
+            nn.GroupNorm(1, hidden),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(hidden, out_channels, 1),
         )
         for m in self.net:
@@ -453,6 +497,8 @@ class NoiseEncoder(nn.Module):
         if noise is None:
             noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=seg.device, dtype=seg.dtype)
         if seg.shape[1] != self.seg_channels or noise.shape != (n, self.noise_channels, h, w):
-            raise ValueError(f"expected seg (N, {self.seg_channels}, H, W) and noise (N, {self.noise_channels}, H, W), "
-                             f"got {tuple(seg.shape)} and {tuple(noise.shape)}")
+            raise ValueError(
+                f"expected seg (N, {self.seg_channels}, H, W) and noise (N, {self.noise_channels}, H, W), "
+                f"got {tuple(seg.shape)} and {tuple(noise.shape)}"
+            )
         return self.net(torch.cat([seg, noise.to(seg.dtype)], 1))

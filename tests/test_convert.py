@@ -10,6 +10,7 @@ REFERENCE.md, "The authors' input/output conventions") and compares it with the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -91,18 +92,15 @@ def paper_cfg(task: str) -> TowerConfig:
 
 def tiny_cfg(task: str, levels: int = 3) -> TowerConfig:
     """The paper's layout shrunk consistently: every size smaller, every key and rule the same."""
-    cfg = paper_cfg(task)
-    return TowerConfig(
-        **{
-            **cfg.__dict__,
-            "levels": levels,
-            "channels": (6, 5, 4, 4)[:levels],
-            "growth": (5, 4, 3, 3)[:levels],
-            "blocks": 2,
-            "code_dim": 4,
-            "noise_channels": 2,
-            "mapping_width": 8,
-        }
+    return dataclasses.replace(
+        paper_cfg(task),
+        levels=levels,
+        channels=(6, 5, 4, 4)[:levels],
+        growth=(5, 4, 3, 3)[:levels],
+        blocks=2,
+        code_dim=4,
+        noise_channels=2,
+        mapping_width=8,
     )
 
 

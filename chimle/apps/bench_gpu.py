@@ -691,10 +691,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """(check, case, figure, value, verdict) rows of a `run` result."""
     rows = []
     ch = result["checks"]
-    for r in ch.get("search", []):
+    for r in ch["search"] if isinstance(ch.get("search"), list) else []:
         case = f"{r['preset']} {r['case']}"
-        if "error" in r:
-            continue
         rows += [
             (
                 "search",

@@ -6,6 +6,7 @@
     chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
                   [--tile N|auto]
     chimle export CHECKPOINT OUT.safetensors
+    chimle convert AUTHORS_CHECKPOINT OUT.safetensors --task sr|colorize|jpeg|night
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
     chimle bench speed|efficiency|ablation ...
     chimle mnist [--out DIR] [--steps N]
@@ -30,6 +31,7 @@ from ..model import PRESETS, TowerConfig, TowerModel
 from ..search import ABLATIONS
 from ..training.config import METHODS, load_config
 from ..training.trainer import train
+from .convert_cli import add_convert_parser, cmd_convert
 
 __all__ = ["main"]
 
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
 
+    add_convert_parser(sub)
+
     p = sub.add_parser("demo", help="train a small tower on bundled photos and write a sample grid")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "sample": cmd_sample,
         "export": cmd_export,
+        "convert": cmd_convert,
         "demo": cmd_demo,
         "eval": cmd_eval,
         "presets": cmd_presets,
