@@ -1,7 +1,7 @@
 """The CUDA path checked and measured in one run: bf16 vs float32 search and training, throughput against
 the GPU's bf16 matmul peak, paper-preset memory, DDP, tiled 4096 x 4096 sampling.
 
-    python benchmarks/gpu_check.py                   # every check, ~4-6 minutes on an H100 / H200
+    python benchmarks/gpu_check.py                   # every check; estimated 4-6 minutes on an H100 / H200
     python benchmarks/gpu_check.py --quick --json gpu.json
     python benchmarks/gpu_check.py --budget 300      # seconds: later checks are skipped, and say so
 

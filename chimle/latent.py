@@ -75,12 +75,14 @@ class LatentLayout:
     def sample_level(
         self, level: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Component:
-        """Draw n i.i.d. N(0, I) components for `level` (1-based)."""
+        """Draw n i.i.d. N(0, I) components for `level` (1-based), on the generator's device, then moved to
+        `device` (default: the generator's): torch draws only where its generator lives, and this way the
+        same seed gives the same code whatever device the model is on."""
         h, w = self.sizes[level - 1]
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        style = torch.randn(n, self.code_dim, generator=generator, device=device)
-        noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=device)
-        return Component(style, noise)
+        at = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
+        style = torch.randn(n, self.code_dim, generator=generator, device=at)
+        noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=at)
+        return Component(style.to(device or at), noise.to(device or at))
 
     def sample(
         self,

@@ -1,7 +1,7 @@
 """`chimle bench gpu`: the CUDA path checked and measured in one run.
 
-    chimle bench gpu                        # on a CUDA machine: every check, ~4-6 minutes on an H100 / H200
-    chimle bench gpu --quick                # fewer candidates, steps and repetitions: ~2 minutes
+    chimle bench gpu                        # on a CUDA machine: every check; estimated 4-6 minutes on an H100 / H200
+    chimle bench gpu --quick                # fewer candidates, steps and repetitions: ~2 minutes (estimated)
     chimle bench gpu --budget 300           # seconds: a check that would start later is skipped, and says so
     chimle bench gpu --json gpu.json --only search,train
     python benchmarks/gpu_check.py ...      # the same

@@ -8,7 +8,7 @@
     chimle export CHECKPOINT OUT.safetensors
     chimle convert AUTHORS_CHECKPOINT OUT.safetensors --task sr|colorize|jpeg|night
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
-    chimle bench speed|efficiency|ablation ...
+    chimle bench speed|gpu|efficiency|ablation ...
     chimle mnist [--out DIR] [--steps N]
     chimle presets
     chimle explore [WEIGHTS | --demo] [--host H] [--port P]     (needs `pip install "chimle[app]"`)
@@ -158,6 +158,10 @@ def cmd_bench(a, rest: list[str]) -> int:
         from .bench_speed import main as speed_main
 
         return speed_main(rest)
+    if a.which == "gpu":
+        from .bench_gpu import main as gpu_main
+
+        return gpu_main(rest)
     from .bench_quality import main as quality_main
 
     return quality_main([a.which, *rest])
@@ -225,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("explore", add_help=False, help="a web page to explore a model's outputs (chimle[app]); see --help")
 
     # `bench` hands everything after its name (--help included) to the benchmark's own parser.
-    p = sub.add_parser("bench", add_help=False, help="benchmarks: speed | efficiency | ablation (see --help of each)")
-    p.add_argument("which", choices=["speed", "efficiency", "ablation"])
+    p = sub.add_parser(
+        "bench", add_help=False, help="benchmarks: speed | gpu | efficiency | ablation (see --help of each)"
+    )
+    p.add_argument("which", choices=["speed", "gpu", "efficiency", "ablation"])
     return parser
 
 

@@ -336,6 +336,7 @@ class Trainer:
                     if self.pool is None or self.pool.round != r:
                         self.round = r
                         t0 = time.time()
+                        self.pool = None  # free the last round's pool (codes, cached targets) before the search
                         try:
                             self.pool = self.search_pool()
                         except ValueError:  # the distance refuses NaN images
