@@ -66,13 +66,24 @@ class LevelTarget(NamedTuple):
 
 
 @torch.no_grad()
-def level_targets(y: Tensor, sizes: Sequence[tuple[int, int]], distance: Distance) -> list[LevelTarget]:
+def level_targets(
+    y: Tensor, sizes: Sequence[tuple[int, int]], distance: Distance, mask: Tensor | None = None
+) -> list[LevelTarget]:
     """What `level_losses` makes of the target `y` at every level (output `sizes`, coarsest first):
-    computed once, it replaces the target's resize and distance pass of every later step."""
+    computed once, it replaces the target's resize and distance pass of every later step.
+
+    `mask` (N, 1, H, W): per-pixel loss weights (cIMLE's loss rebalancing), carried with the target's
+    features to a distance that takes them (`distances.vgg`: pooled to every feature map's size)."""
+    if mask is not None and not isinstance(distance, FeatureDistance):
+        raise ValueError("per-pixel loss weights need a distance with features (vgg_l1, pixel_vgg)")
     out = []
     for size in sizes:
         image = resize(y, tuple(size))
-        out.append(LevelTarget(image, distance.features(image) if isinstance(distance, FeatureDistance) else None))
+        if isinstance(distance, FeatureDistance):
+            feats = distance.features(image) if mask is None else distance.features(image, mask)
+        else:
+            feats = None
+        out.append(LevelTarget(image, feats))
     return out
 
 

@@ -107,10 +107,26 @@ class TowerConfig:
     #                                          its head (the authors' colourisation: an `up` block without upsampling)
     output_mode: str = "tanh01"  # head tanh t -> output: "tanh01" (t + 1) / 2; "ab_times_l" the authors'
     #                                          colourisation, t = (a / 127) * max(L, 0.01), returned as ab01 (see Level)
+    # chimle's own option, not the authors': a path for the low frequencies. Every level's head corrects
+    # its input image (upsampled in "upscale") instead of painting the output from features alone, so an
+    # untrained level already returns the input's colours; see `Level.output` and README "Shipped models".
+    input_skip: bool = False
+    # cIMLE's noise encoder (scene layouts, Sect. 4.2.2): each level's noise channels are made by a small
+    # conv net from the level's input image (the layout) and a lower-dimensional noise of `encoder_noise`
+    # channels, which is what the latent code holds and the search draws.
+    noise_encoder: bool = False
+    encoder_noise: int = 10
 
     # Fields written by `to_dict` only when they differ from their defaults, so that every existing config
     # serialises exactly as before (config.yaml of a run, whose resume compares it, and exported metadata).
-    _CONVENTIONS: ClassVar[tuple[str, ...]] = ("feedback", "final_convs", "output_mode")
+    _CONVENTIONS: ClassVar[tuple[str, ...]] = (
+        "feedback",
+        "final_convs",
+        "output_mode",
+        "input_skip",
+        "noise_encoder",
+        "encoder_noise",
+    )
 
     def __post_init__(self) -> None:
         self.channels, self.growth = tuple(self.channels), tuple(self.growth)
@@ -127,6 +143,10 @@ class TowerConfig:
             raise ValueError(f"feedback must be 'image' or 'tanh', got {self.feedback!r}")
         if self.output_mode not in ("tanh01", "ab_times_l"):
             raise ValueError(f"output_mode must be 'tanh01' or 'ab_times_l', got {self.output_mode!r}")
+        if self.input_skip and (self.in_channels != self.out_channels or self.feedback != "image"):
+            raise ValueError("input_skip needs in_channels == out_channels and feedback 'image' (it adds to the image)")
+        if self.encoder_noise < 1:
+            raise ValueError(f"encoder_noise must be >= 1, got {self.encoder_noise}")
         if self.final_convs and self.layout != "same":
             raise ValueError("final_convs needs the 'same' layout (in 'upscale' the last level has its upsampler)")
         if self.output_mode == "ab_times_l" and (self.layout, self.in_channels, self.out_channels) != ("same", 1, 2):
@@ -275,17 +295,32 @@ class Level(nn.Module):
             nn.Sequential(wn_conv(nf, nf), act(), wn_conv(nf, nf), act()) if cfg.final_convs and last else None
         )
         self.head = wn_conv(nf, cfg.out_channels)
+        self.noise_encoder = (
+            NoiseEncoder(image_ch, cfg.encoder_noise, cfg.noise_channels) if cfg.noise_encoder else None
+        )
         self.output_mode = cfg.output_mode
+        self.input_skip = cfg.input_skip
 
     def output(self, feat: Tensor, image: Tensor) -> Tensor:
         """The head: tanh(conv(feat)) -> this level's output, in [0, 1] (but see "ab_times_l").
 
-        "tanh01": (t + 1) / 2. "ab_times_l" (the authors' colourisation): the tanh predicts
+        "tanh01": (t + 1) / 2 = sigmoid(2 h) for h = conv(feat). With `input_skip` the head corrects the
+        level's input image instead, sigmoid(2 h + logit(image)), the image bilinearly upsampled to the
+        output's size: h = 0 returns the image itself, so the low frequencies (the colours) of the input
+        reach the output whatever the trunk does, and the level learns only what to add. (The instance
+        norms of the AdaINs remove each feature's mean; without this path a level must rebuild the
+        image's mean colour through the skip around its trunk, and the LPIPS loss, which normalises
+        features across channels, barely penalises it when it does not.)
+        "ab_times_l" (the authors' colourisation): the tanh predicts
         t = (a / 127) * max(L, 0.01) for each of a, b, with L = `image`, the level's input lightness L/100;
         the output is chimle's chroma ab01 = (ab + 128) / 255 with ab = 127 * t / max(L, 0.01), what
         `Colorize.rgb` composes with L. Where the authors' a, b leave [-128, 127] (t large where L is
         dark), ab01 leaves [0, 1]; the RGB made from it is clipped as theirs is, so it is not clamped here.
         """
+        if self.input_skip:
+            if image.shape[-2:] != feat.shape[-2:]:
+                image = F.interpolate(image, size=feat.shape[-2:], mode="bilinear", align_corners=False)
+            return torch.sigmoid(2 * self.head(feat) + torch.logit(image.float().clamp(1e-3, 1 - 1e-3))).to(feat.dtype)
         t = torch.tanh(self.head(feat))
         if self.output_mode == "ab_times_l":
             return (t / image.clamp(min=0.01) * 127.0 + 128.0) / 255.0
@@ -304,7 +339,10 @@ class Level(nn.Module):
         `stats` overrides the instance-norm statistics of the AdaINs (see `NormStats`).
         """
         w = self.mapping(z.style, earlier_w)
-        parts = [image, z.noise.to(image.dtype)]
+        noise = z.noise.to(image.dtype)
+        if self.noise_encoder is not None:  # z.noise is the low-dimensional noise; the encoder reads the layout
+            noise = self.noise_encoder(image, noise)
+        parts = [image, noise]
         if prev_feature is not None:
             parts.append(prev_feature)
         feat = self.conv_in(torch.cat(parts, 1))
@@ -378,6 +416,8 @@ class TowerModel(nn.Module):
         that the tanh starts unsaturated.
         """
         for name, m in self.named_modules():
+            if ".noise_encoder." in name:  # cIMLE's encoder keeps its own (authors') initialisation
+                continue
             if isinstance(m, nn.Conv2d):
                 scale = 0.1 if (".body." in name or name.endswith(".head")) else 1.0
                 v = m.parametrizations.weight.original1
@@ -394,7 +434,8 @@ class TowerModel(nn.Module):
     # -- latent codes ---------------------------------------------------------------------------
     def latent_layout(self, input_hw: tuple[int, int] | None = None) -> LatentLayout:
         h, w = input_hw if input_hw is not None else (self.cfg.input_size, self.cfg.input_size)
-        return LatentLayout(self.cfg.code_dim, self.cfg.noise_channels, tuple(self.cfg.level_sizes(h, w)))
+        noise = self.cfg.encoder_noise if self.cfg.noise_encoder else self.cfg.noise_channels
+        return LatentLayout(self.cfg.code_dim, noise, tuple(self.cfg.level_sizes(h, w)))
 
     def sample_codes(
         self,

@@ -21,7 +21,7 @@ from chimle.evaluation import evaluate as ev
 from chimle.inference.sample import generate
 from chimle.inference.weights import load_with_task
 from chimle.resample import resize as downsample
-from chimle.rng import seeded
+from chimle.rng import Stream, seeded
 from chimle.search import ABLATIONS
 
 TINY = ["--preset", "tiny", "--task", "sr", "--scale", "4", "--crop", "16"]
@@ -94,6 +94,13 @@ def test_evaluate_writes_every_metric(ckpt, held_out, tmp_path):
     print(f"IvO {r['ivo_mean']:.3f} vs random samples {random_mse:.3f} (x 1e-3)")
     assert 0 < r["ivo_mean"] < random_mse
     assert any("FID from 3 real" in w for w in r["warnings"]) and any("KID" in w for w in r["warnings"])
+    # consistency: the samples downsampled back to the inputs, against the inputs (recomputed here)
+    samples = generate(model, x, 3, seeded(0, Stream.EVAL_SAMPLES))
+    diff = torch.nn.functional.interpolate(samples.flatten(0, 1), size=x.shape[-2:], mode="bicubic", antialias=True)
+    diff = diff.clamp(0, 1).view(3, *x.shape) - x
+    assert r["consistency_mae"] == pytest.approx(float(diff.abs().mean()), rel=1e-4)
+    assert r["consistency_shift"] == pytest.approx(diff.mean((0, 1, 3, 4)).tolist(), abs=1e-6)
+    assert "| consistency_mae |" in md
 
     with pytest.raises(ValueError, match="num_samples"):
         ev.evaluate(model, task, held_out, num_samples=1, out_dir=out, crop=16)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import chimle
 from chimle import latent
 from chimle.data.tasks import make_task
 from chimle.inference import explore as ex
@@ -164,8 +165,8 @@ def test_consistency_for_super_resolution(sr, inp):
     assert float(ex.consistency(y, x, task)[0]) < 1e-6
     noisy = (y + 0.2 * torch.randn(y.shape, generator=seeded(9))).clamp(0, 1)
     assert float(ex.consistency(torch.cat([y, noisy]), x, task)[1]) > 0.01
-    with pytest.raises(ValueError, match="super-resolution"):
-        ex.consistency(y, x, make_task("jpeg"))
+    with pytest.raises(ValueError, match="not defined for the 'night' task"):
+        ex.consistency(y, x, make_task("night"))
 
 
 def test_code_npz_round_trip_and_errors(sr, inp, tmp_path):
@@ -286,12 +287,14 @@ def test_guided_request_reports_plain_distances(explorer, photos):
     assert "masked L2" in answer["message"]
 
 
-def test_explore_command_needs_weights_or_demo(capsys):
-    from chimle.apps.explore import demo_model, main
+def test_explore_command_defaults_to_the_shipped_model(capsys):
+    from chimle.apps.explore import DEFAULT_MODEL, build_parser, demo_model, main
 
-    assert main([]) == 2
+    assert build_parser().parse_args([]).weights == DEFAULT_MODEL == "sr8-small"
+    assert chimle.load(DEFAULT_MODEL).cfg.scale == 8  # the default loads with nothing downloaded or trained
+    assert main(["sr9-huge"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("chimle explore: error: give WEIGHTS") and "--demo" in err and "\n" not in err
+    assert err.startswith("chimle explore: error: no weights named 'sr9-huge'") and "\n" not in err
     assert main([str(Path("no/such/weights.safetensors"))]) == 2
     assert "does not exist" in capsys.readouterr().err
     model, task = demo_model()

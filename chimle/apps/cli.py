@@ -1,16 +1,18 @@
 """The `chimle` command line: a thin wrapper over the Python API.
 
-    chimle demo [--out DIR]
+    chimle demo [--task sr|layout] [--out DIR]
     chimle train --task sr --scale 8 --data DIR --preset tiny --out runs/NAME [--steps N] [--method chimle|cimle]
                  [--resume] [--config FILE] [--set key=value ...]
     chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
-                  [--tile N|auto]
-    chimle export CHECKPOINT OUT.safetensors
+                  [--tile N|auto] [--project]
+    chimle export CHECKPOINT OUT.safetensors [--card CARD.json]
     chimle convert AUTHORS_CHECKPOINT OUT.safetensors --task sr|colorize|jpeg|night
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
     chimle bench speed|gpu|efficiency|ablation ...
     chimle mnist [--out DIR] [--steps N]
+    chimle reproduce --out DIR [--quick] [--resume] [--parts mnist,efficiency,ablation,table1]
     chimle presets
+    chimle models
     chimle explore [WEIGHTS | --demo] [--host H] [--port P]     (needs `pip install "chimle[app]"`)
 
 Bad input ends with one line on stderr naming the file or key and the problem (exit code 2),
@@ -20,13 +22,14 @@ never a traceback from deep inside torch; CHIMLE_DEBUG=1 shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from ..data.tasks import TASKS, make_task
 from ..inference.files import sample_paths
-from ..inference.weights import export, load_with_task
+from ..inference.weights import available_models, export, load_with_task, model_card, shipped_dir, weights_dir
 from ..model import PRESETS, TowerConfig, TowerModel
 from ..search import ABLATIONS
 from ..training.config import METHODS, load_config
@@ -41,7 +44,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--task", choices=list(TASKS))
     p.add_argument("--data", help="folder of training photos ('builtin' = scikit-image's); paired: the inputs")
-    p.add_argument("--target", help="paired task: folder of target images matched by file name")
+    p.add_argument("--target", help="paired and layout tasks: folder of target images matched by file name")
     p.add_argument("--val-data", help="folder of held-out photos for sample grids")
     p.add_argument("--scale", type=int, help="sr: upscaling factor 2^levels")
     p.add_argument("--quality", type=int, help="jpeg: JPEG quality of the inputs")
@@ -105,6 +108,7 @@ def cmd_sample(a) -> int:
         overlap=a.overlap,
         memory_budget=a.memory_budget,
         code=a.code,
+        project=a.project,
     )
     grids = [p for p in written if p.name.endswith("_grid.png")]
     print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")
@@ -112,15 +116,36 @@ def cmd_sample(a) -> int:
 
 
 def cmd_export(a) -> int:
-    print(f"exported {export(a.checkpoint, a.out)}")
+    card = json.loads(Path(a.card).read_text()) if a.card else None
+    print(f"exported {export(a.checkpoint, a.out, card=card)}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    """The models a name loads: the shipped ones, then the user's (`chimle.load(name)`)."""
+    models = available_models()
+    if not models:
+        print(f"no models: none shipped, none in {weights_dir()}")
+    for name, path in models.items():
+        c = model_card(path)
+        where = "shipped" if path.parent == shipped_dir() else str(path.parent)
+        task = ", ".join(f"{k}={v}" for k, v in c["task"].items())
+        print(f"{name:16s} {task:24s} {c['megabytes']:6.2f} MB  {c['step']} steps  {where}")
+        if "summary" in c:
+            print(f"{'':16s} {c['summary']}")
     return 0
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo  # the apps are imported only by the command that runs them
+    from .demo import run_demo, run_layout_demo  # the apps are imported only by the command that runs them
 
-    grid = run_demo(a.out, steps=a.steps, device=a.device)
+    if a.task == "layout":
+        print(f"demo grid: {run_layout_demo(a.out or 'runs/demo_layout', steps=a.steps, device=a.device)}")
+        return 0
+    grid, c = run_demo(a.out or "runs/demo", steps=a.steps, device=a.device)
     print(f"demo grid: {grid}")
+    shift = ", ".join(f"{v:+.3f}" for v in c["shift"])
+    print(f"consistency with the inputs: mean abs error {c['mae']:.3f}, mean shift per channel (R, G, B) {shift}")
     return 0
 
 
@@ -145,7 +170,7 @@ def cmd_eval(a) -> int:
     print(
         f"metrics of {result['images']} images x {result['samples_per_input']} samples: {Path(a.out) / 'metrics.json'}"
     )
-    for k in ("fid", "kid", "fwv_0.2", "lpips_diversity", "prd_f8", "prd_f1_8", "ivo_mean"):
+    for k in ("fid", "kid", "fwv_0.2", "lpips_diversity", "prd_f8", "prd_f1_8", "ivo_mean", "consistency_mae"):
         if k in result:
             print(f"  {k}: {result[k]:.6g}")
     for w in result["warnings"]:
@@ -198,16 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="tile overlap in input px (default: a quarter of the tile)")
     p.add_argument("--memory-budget", help="memory for --tile auto, e.g. 4GB (default: half the free GPU / 2 GB)")
     p.add_argument("--code", help="a code .npz downloaded from chimle explore: redraw that exact output")
+    p.add_argument(
+        "--project", action="store_true", help="sr: back-project samples onto the input (post-processing, off)"
+    )
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("export", help="training checkpoint -> safetensors weights with their config")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p.add_argument("--card", help="a model card (JSON) to store in the file's metadata (`chimle models` shows it)")
 
     add_convert_parser(sub)
 
     p = sub.add_parser("demo", help="train a small tower on bundled photos and write a sample grid")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--task", choices=["sr", "layout"], default="sr", help="8x SR, or scene layouts (stand-ins)")
+    p.add_argument("--out", help="run folder (default runs/demo, runs/demo_layout)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p.add_argument("--device", default="auto")
 
@@ -225,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ivo-images", type=int, help="images used for IvO (default: all)")
 
     sub.add_parser("presets", help="print the model presets' parameter counts")
+    sub.add_parser("models", help="list the models a name loads (shipped, and yours in ~/.cache/chimle/weights)")
     sub.add_parser("mnist", add_help=False, help="the MNIST illustration of the TIM paper (Fig. 1); see --help")
     sub.add_parser("explore", add_help=False, help="a web page to explore a model's outputs (chimle[app]); see --help")
+    sub.add_parser("reproduce", add_help=False, help="the papers' experiments at CPU scale, as one report; see --help")
 
     # `bench` hands everything after its name (--help included) to the benchmark's own parser.
     p = sub.add_parser(
@@ -240,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
-    if rest and a.command not in ("bench", "mnist", "explore"):
+    if rest and a.command not in ("bench", "mnist", "explore", "reproduce"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     commands = {
         "train": cmd_train,
@@ -250,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "eval": cmd_eval,
         "presets": cmd_presets,
+        "models": cmd_models,
     }
     try:
         if a.command == "bench":
@@ -259,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
             mnist_main(rest)
             return 0
+        if a.command == "reproduce":
+            from .reproduce import main as reproduce_main
+
+            return reproduce_main(rest)
         if a.command == "explore":
             from .explore import main as explore_main  # FastAPI is imported only here
 

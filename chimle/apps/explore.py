@@ -1,6 +1,7 @@
 """`chimle explore`: a web page to explore the modes of a model, with guided search toward a user's hint.
 
-    chimle explore WEIGHTS [--host 127.0.0.1] [--port 7860]      # exported .safetensors, checkpoint or name
+    chimle explore [WEIGHTS] [--host 127.0.0.1] [--port 7860]    # default: the shipped sr8-small
+    chimle explore colorize-small                                # any name `chimle models` lists, or a file
     chimle explore --demo                                        # a random-init tiny 8x SR tower: a smoke run
     python -m chimle.apps.explore ...                            # the same
 
@@ -62,7 +63,9 @@ from ..latent import Codes
 from ..model import TowerConfig, TowerModel
 from ..rng import seeded
 
-__all__ = ["main", "build_app", "Explorer", "demo_model"]
+__all__ = ["main", "build_app", "Explorer", "demo_model", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "sr8-small"  # the shipped 8x super-resolution model (`chimle models`)
 
 STATIC = ("explore.html", "explore.js", "explore.css")
 # How many results (each one code + one image) and inputs the server keeps, the oldest dropped first: enough
@@ -631,7 +634,12 @@ def demo_model(seed: int = 0) -> tuple[TowerModel, Task]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chimle explore", description=__doc__.split("\n\n")[0])
-    p.add_argument("weights", nargs="?", help="exported .safetensors, training checkpoint, or a released name")
+    p.add_argument(
+        "weights",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"exported .safetensors, training checkpoint, or a model's name (default: the shipped {DEFAULT_MODEL})",
+    )
     p.add_argument("--demo", action="store_true", help="no weights: a random-init tiny 8x SR tower (smoke run)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="0 picks a free port (printed)")
@@ -659,14 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.demo:
             model, task = demo_model()
             name = "demo: random-init tiny 8x SR tower (untrained)"
-        elif a.weights:
+        else:
             model, task_cfg = load_with_task(a.weights, a.device)
             task, name = (make_task(**task_cfg) if task_cfg else None), str(a.weights)
-        else:
-            raise ValueError(
-                "give WEIGHTS (exported .safetensors, a training checkpoint or a released name) "
-                "or --demo; no model ships with chimle yet"
-            )
         model = model.to(a.device)
         explorer = Explorer(model, task, name=name, max_pixels=a.max_pixels, max_upload=int(a.max_upload_mb * 2**20))
         app = build_app(explorer)

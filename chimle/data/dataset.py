@@ -201,17 +201,21 @@ class ImageDataset(Dataset):
         y = load_image(self.paths[i])
         x = None
         if self.input_paths is not None:
-            x = load_image(self.input_paths[i])
-            if x.shape != y.shape:
-                raise ValueError(
-                    f"paired: input '{self.input_paths[i]}' is {x.shape[1]}x{x.shape[2]} "
-                    f"but target '{self.paths[i]}' is {y.shape[1]}x{y.shape[2]}"
+            x = self.task.read_input(self.input_paths[i])  # an image, or a scene layout's label map
+            if x.shape[-2:] != y.shape[-2:]:
+                raise ImageError(
+                    self.input_paths[i],
+                    f"input is {x.shape[1]}x{x.shape[2]} but its target '{self.paths[i]}' is {y.shape[1]}x{y.shape[2]}",
                 )
             x = self._prepare(x)
         item = self._prepare(y), x
         if self.cache is not None:
             self.cache[i] = item
         return item
+
+    def whole(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image `index` uncropped: (target, input), input None where the task makes it from the target."""
+        return self._load(index)
 
     def generator(self, index: int) -> torch.Generator:
         """The per-item generator: seeded by (seed, epoch, index) in train, (seed, index) in eval."""

@@ -143,6 +143,63 @@ def load_image(path: PathLike) -> torch.Tensor:
         raise ImageError(path, _describe(e)) from None
 
 
+def read_palette(path: PathLike) -> dict[tuple[int, int, int], int]:
+    """A palette file for colour label maps: one class per line, `id r g b` (0-255; '#' comments),
+    e.g. Cityscapes' colours. Returns {(r, g, b): id}."""
+    table: dict[tuple[int, int, int], int] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ImageError(path, _describe(e)) from None
+    for n, line in enumerate(lines, 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        parts = line.replace(",", " ").split()
+        try:
+            k, r, g, b = (int(v) for v in parts)
+        except ValueError:
+            raise ImageError(path, f"line {n}: expected 'id r g b', got {line!r}") from None
+        if not all(0 <= v <= 255 for v in (r, g, b)) or k < 0 or (r, g, b) in table:
+            raise ImageError(path, f"line {n}: bad or repeated entry {line!r}")
+        table[(r, g, b)] = k
+    if not table:
+        raise ImageError(path, "the palette is empty")
+    return table
+
+
+def read_label_map(path: PathLike, palette: dict[tuple[int, int, int], int] | None = None) -> torch.Tensor:
+    """A label map file -> (H, W) int64 class ids. Grey (L, I, I;16) and palette-mode ("P") PNGs hold
+    the ids themselves (a "P" PNG's pixel values are the indices, whatever colours its palette shows,
+    as Cityscapes' and ADE20K's label PNGs); an RGB map needs `palette` (`read_palette`), and a colour
+    it does not list is an error naming the file, the colour and a pixel."""
+    try:
+        with _strict_decoding(), Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                return torch.from_numpy(np.asarray(img, dtype=np.int64).copy())
+            if mode not in ("RGB", "RGBA"):
+                raise ImageError(path, f"a label map must be grey, palette or RGB, not mode {mode}")
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int64)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(path, _describe(e)) from None
+    if palette is None:
+        raise ImageError(path, "an RGB label map needs a palette file (data.palette) mapping colours to ids")
+    key = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # one integer per colour
+    lut = {(r << 16) | (g << 8) | b: k for (r, g, b), k in palette.items()}
+    colours, inverse = np.unique(key, return_inverse=True)
+    for c in colours:
+        if int(c) not in lut:
+            y, x = (int(v) for v in np.argwhere(key == c)[0])
+            raise ImageError(
+                path, f"colour {tuple(int(v) for v in rgb[y, x])} at pixel (x={x}, y={y}) is not in the palette"
+            )
+    return torch.from_numpy(np.array([lut[int(c)] for c in colours], dtype=np.int64)[inverse.reshape(key.shape)])
+
+
 def check_image(path: PathLike) -> str | None:
     """None if ``path`` decodes fully, else a one-line description of the problem."""
     try:
@@ -313,6 +370,19 @@ def builtin_photo_dir(cache_dir: PathLike | None = None) -> Path:
         dst = out / f"{name}.png"
         if not dst.is_file():
             save_image(load_image(src), dst)
+    return out
+
+
+WALLPAPERS = "wallpapers"  # `data.data` keyword: the shipped models' training photos
+
+
+def wallpaper_photo_dir(cache_dir: PathLike | None = None) -> Path:
+    """The folder of photos the shipped models train on (``data.data: wallpapers``): the photographs
+    of Debian's mate-backgrounds and lomiri-wallpapers-16.04, downscaled to 640 px on the long side,
+    as `scripts/fetch_training_photos.sh` writes them (default ``default_cache_dir()/wallpapers``)."""
+    out = Path(cache_dir) if cache_dir is not None else default_cache_dir() / WALLPAPERS
+    if not out.is_dir() or not any(out.glob("*.png")):
+        raise FileNotFoundError(f"no training photos in {out}: run scripts/fetch_training_photos.sh first")
     return out
 
 

@@ -1,5 +1,7 @@
 """Scene layouts (cIMLE, IJCV 2020, Sect. 5.2.4): dataset and loss rebalancing by the rarity of each
-category's mean colour.
+category's mean colour. (The task itself, label maps to photos, is `chimle.data.tasks.SceneLayout`.)
+
+    num_classes = count_classes("labels/", ignore_index=255)   # the largest id found + 1
 
     stats = category_mean_colours(segs, images)  # c_k(p) for every image k and category p in it
     R = rarity_weights(stats, len(images))       # (n, C): R_p(k) = 1 / D_p(c_k(p)), Gaussian KDE
@@ -13,13 +15,17 @@ Segmentations are integer label maps (H, W); images (3, H, W) in [0, 1].
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .imageio import list_images, read_label_map, read_palette
+
 __all__ = [
+    "count_classes",
     "CategoryColours",
     "category_mean_colours",
     "rarity_weights",
@@ -28,6 +34,23 @@ __all__ = [
     "sample_pool",
     "loss_weight_map",
 ]
+
+
+def count_classes(root: str | os.PathLike, ignore_index: int = 255, palette: str = "") -> int:
+    """The number of classes of a folder of label maps: the largest id other than `ignore_index`, + 1."""
+    table = read_palette(palette) if palette else None
+    top = -1
+    files = list_images(root)
+    if not files:
+        raise ValueError(f"no label maps in '{root}'")
+    for path in files:
+        ids = read_label_map(path, table)
+        ids = ids[ids != ignore_index]
+        if ids.numel():
+            top = max(top, int(ids.max()))
+    if top < 0:
+        raise ValueError(f"the label maps in '{root}' hold no class other than the ignore id {ignore_index}")
+    return top + 1
 
 
 class CategoryColours(NamedTuple):

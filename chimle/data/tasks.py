@@ -1,6 +1,6 @@
 """Tasks: how a model's input is made from a clean target photo, and how its output becomes RGB.
 
-    task = make_task("sr", scale=16)       # or "colorize", "jpeg", "night", "paired"
+    task = make_task("sr", scale=16)       # or "colorize", "jpeg", "night", "paired", "layout"
     x = task.degrade(y, rng)               # y: (3, H, W) in [0, 1] -> input (Cin, h, w)
     rgb = task.rgb(model_output, x)        # what the loss, the search and the viewer see
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image
 
 from ..resample import downsample, quantize8, resize
 from ..rng import generator_from
-from .imageio import to_uint8
+from .imageio import ImageError, load_image, read_label_map, read_palette, to_uint8
 
 Size = tuple[int, int]
 
@@ -37,6 +38,7 @@ __all__ = [
     "JpegDecompression",
     "SyntheticNight",
     "Paired",
+    "SceneLayout",
     "rgb_to_lab",
     "lab_to_rgb",
     "rgb_to_l01",
@@ -141,6 +143,11 @@ class Task:
         """An image read from a file (3, H, W) -> the model's input (`chimle sample` without --degrade)."""
         return image
 
+    def read_input(self, path: str | Path) -> torch.Tensor:
+        """An input file -> the model's input (C, h, w): a paired dataset's inputs, `chimle sample`'s files.
+        Scene layouts read label maps here; every other task reads an image and `prepare_input`s it."""
+        return self.prepare_input(load_image(path))
+
     def rgb(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A model output (N, out_channels, h, w) at any level -> RGB (N, 3, h, w) in [0, 1], given the
         input x (N, in_channels, H, W) at full resolution: the one colour path of the loss, the search,
@@ -150,6 +157,12 @@ class Task:
     def show_input(self, x: torch.Tensor) -> torch.Tensor:
         """An input (C, h, w) as an RGB picture for grids: grey replicated, extra channels dropped."""
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+
+    def observe(self, sample: torch.Tensor) -> torch.Tensor | None:
+        """The input this task makes from an RGB `sample` (N, 3, H, W), without its random noise and
+        8-bit rounding, or None where the task has no such map (paired data, synthetic night's noise).
+        A consistent output observes back to its input: `chimle.evaluation.metrics.consistency`."""
+        return None
 
     def config(self) -> dict:
         """``make_task(**task.config())`` rebuilds this task."""
@@ -173,6 +186,9 @@ class SuperResolution(Task):
     def degrade(self, target, rng=None):
         return downsample(target, self.scale, quantize=True)
 
+    def observe(self, sample):
+        return downsample(sample, self.scale)
+
 
 @dataclass
 class Colorize(Task):
@@ -192,6 +208,9 @@ class Colorize(Task):
 
     def prepare_input(self, image: torch.Tensor) -> torch.Tensor:
         return rgb_to_l01(image)
+
+    def observe(self, sample):
+        return rgb_to_l01(sample)
 
 
 @dataclass
@@ -214,6 +233,9 @@ class JpegDecompression(Task):
         buf.seek(0)
         with Image.open(buf) as img:
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255.0
+
+    def observe(self, sample):
+        return self.degrade(sample)  # re-encoding at the task's quality is deterministic
 
 
 @dataclass
@@ -257,8 +279,84 @@ class Paired(Task):
         raise TypeError("the paired task reads its inputs from files; pass input_root to ImageDataset")
 
 
+@dataclass
+class SceneLayout(Task):
+    """Scene layouts to photos (cIMLE Sect. 4.2): the input is a label map (a PNG of class ids, or a
+    colour PNG read through a palette file), one-hot encoded to `num_classes` channels, the target the
+    photo of the same name. Pixels of class `ignore_index` (void, e.g. 255) are all-zero columns.
+    Label maps are resized like images (antialiased bicubic) for the tower's coarser levels, which
+    turns them into per-pixel class fractions there (an area average, clamped to [0, 1])."""
+
+    name: ClassVar[str] = "layout"
+    paired: ClassVar[bool] = True
+    num_classes: int = 20
+    ignore_index: int = 255
+    palette: str = ""  # palette file for colour label maps (`imageio.read_palette`); "" = id PNGs
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"layout: num_classes must be >= 1, got {self.num_classes}")
+        self._palette = read_palette(self.palette) if self.palette else None
+
+    @property
+    def in_channels(self) -> int:  # one channel per class
+        return self.num_classes
+
+    def read_labels(self, path: str | Path) -> torch.Tensor:
+        """(H, W) class ids of a label map, checked: an id outside 0..num_classes-1 that is not the ignore
+        id is an error naming the file, the id and a pixel."""
+        ids = read_label_map(path, self._palette)
+        bad = (ids >= self.num_classes) & (ids != self.ignore_index) | (ids < 0)
+        if bad.any():
+            y, x = (int(v) for v in bad.nonzero()[0])
+            raise ImageError(
+                path,
+                f"class id {int(ids[y, x])} at pixel (x={x}, y={y}) is outside 0..{self.num_classes - 1} "
+                f"and is not the ignore id {self.ignore_index} (data.num_classes, data.ignore_index)",
+            )
+        return ids
+
+    def one_hot(self, ids: torch.Tensor) -> torch.Tensor:
+        """(H, W) ids -> (num_classes, H, W) float32 one-hot; ignored pixels are all zero."""
+        valid = (ids >= 0) & (ids < self.num_classes)
+        x = torch.zeros(self.num_classes, *ids.shape)
+        x.scatter_(0, ids.clamp(0, self.num_classes - 1)[None], valid[None].float())
+        return x
+
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """One-hot (…, C, H, W) -> ids (…, H, W), -1 where no class is set (void)."""
+        return torch.where(x.sum(-3) > 0, x.argmax(-3), torch.full_like(x[..., 0, :, :], -1, dtype=torch.long))
+
+    def read_input(self, path: str | Path) -> torch.Tensor:
+        return self.one_hot(self.read_labels(path))
+
+    def prepare_input(self, image: torch.Tensor) -> torch.Tensor:
+        raise ValueError("layout inputs are label maps: read them with task.read_input(path), not as photos")
+
+    def degrade(self, target, rng=None):
+        raise TypeError("the layout task reads label maps from files; pass input_root to ImageDataset")
+
+    def colours(self) -> torch.Tensor:
+        """(num_classes, 3) display colours: the palette's where one is given, else evenly spread hues."""
+        table = torch.zeros(self.num_classes, 3)
+        if self._palette is not None:
+            for (r, g, b), k in self._palette.items():
+                if k < self.num_classes:
+                    table[k] = torch.tensor([r, g, b]) / 255.0
+            return table
+        for k in range(self.num_classes):  # golden-ratio hues: neighbours differ, any count works
+            h = (k * 0.618034) % 1.0
+            rgb = torch.tensor([abs(h * 6 - 3) - 1, 2 - abs(h * 6 - 2), 2 - abs(h * 6 - 4)]).clamp(0, 1)
+            table[k] = rgb * (0.55 + 0.45 * (k % 2))
+        return table
+
+    def show_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A one-hot (or, at a coarse level, fractional) layout (C, h, w) as colours; void black."""
+        return torch.einsum("chw,cd->dhw", x.float(), self.colours()).clamp(0, 1)
+
+
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (SuperResolution, Colorize, JpegDecompression, SyntheticNight, Paired)
+    t.name: t for t in (SuperResolution, Colorize, JpegDecompression, SyntheticNight, Paired, SceneLayout)
 }
 
 

@@ -18,6 +18,9 @@ computes (the metric functions are in `chimle.metrics`):
     ivo_mean, ivo_std          inference via optimisation, MSE in units of 10^-3 as the papers report it
     lpips_to_target_mean       LPIPS of a sample to the observed image; *_best_of_k: the closest of K
                                per input
+    consistency_mae, consistency_shift
+                               does a sample observe back to its input (`metrics.consistency`): mean
+                               absolute error and mean shift per channel (absent for paired / night)
 
 LPIPS is LPIPS-alex (the LPIPS default) for all of these. KID and FwV are stored unscaled; the
 papers print them x 10^3, and metrics.md shows both.
@@ -167,6 +170,9 @@ def evaluate(
     del samples_d, y_d
     r["lpips_to_target_mean"] = float(to_target.double().mean())
     r["lpips_to_target_best_of_k"] = float(to_target.double().min(0).values.mean())
+    if task.observe(samples[:1, :1].flatten(0, 1)) is not None:
+        c = metrics.consistency(samples, x, task.observe)
+        r["consistency_mae"], r["consistency_shift"] = c["mae"], c["shift"]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +234,7 @@ _DESCRIPTIONS = [  # (key, description, scale shown in the "papers' scale" colum
     ("ivo_std", "IvO MSE x 1e3, std of runs", 1),
     ("lpips_to_target_mean", "LPIPS sample to target, mean", 1),
     ("lpips_to_target_best_of_k", "LPIPS sample to target, best of K", 1),
+    ("consistency_mae", "consistency: mean |observe(sample) - input| (lower is better)", 1),
 ]
 
 

@@ -4,6 +4,8 @@ Fidelity        fid, kid                FID (Heusel et al. 2017) and KID (Binkow
                                         InceptionV3 features (`chimle.evaluation.inception`).
 Diversity       fwv, lpips_diversity    faithfulness-weighted variance (cIMLE Sect. 5.1.5, CHIMLE
                                         Eq. 2) and the LPIPS diversity score (Zhu et al. 2017).
+Consistency     consistency             does a sample observe back to its input? (mean absolute error
+                                        and mean shift per channel after the task's degradation)
 Modes           prd, prd_curve, plot_prd  precision and recall for distributions (Sajjadi et al. 2018):
                                         F_8 (recall, mode coverage) and F_1/8 (precision).
                 ivo                     inference via optimisation (CHIMLE Sect. 3): the MSE left after
@@ -25,6 +27,8 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +51,7 @@ __all__ = [
     "faithfulness_distances",
     "fwv_from_distances",
     "lpips_diversity",
+    "consistency",
     "prd",
     "prd_curve",
     "prd_f_beta",
@@ -277,6 +282,34 @@ def lpips_diversity(samples: Tensor, distance: Distance | None = None) -> float:
             d = distance(s[a], s[b])
         per_input.append(d.double().mean())
     return float(torch.stack(per_input).mean())
+
+
+@torch.no_grad()
+def consistency(samples: Tensor, x: Tensor, observe: Callable[[Tensor], Tensor | None]) -> dict[str, Any]:
+    """How far samples are from explaining their input: observe(sample) vs the input x.
+
+    `observe` is the task's deterministic degradation (`Task.observe`): for super-resolution the
+    bicubic downsample to the input's size, for colourisation the sample's lightness L/100, for JPEG
+    the re-encoding at the task's quality. samples (K, N, 3, H, W) or (N, 3, H, W) in [0, 1], x
+    (N, C, h, w). Returns {"mae": mean |observe(s) - x|, "shift": [mean (observe(s) - x) per channel],
+    "max_abs_shift"}: a colour drift shows as a shift, noise around the input as MAE alone.
+    """
+    samples = samples[None] if samples.ndim == 4 else samples
+    _check_samples(samples)
+    check_range01(x, "consistency input")
+    k, n = samples.shape[:2]
+    obs = observe(samples.flatten(0, 1))
+    if obs is None:
+        raise ValueError("consistency: this task has no deterministic observation of a sample (paired / night)")
+    if obs.shape[1:] != x.shape[1:]:
+        raise ValueError(f"consistency: observed samples are {tuple(obs.shape[1:])}, inputs {tuple(x.shape[1:])}")
+    diff = (obs.double().view(k, n, *x.shape[1:]) - x.double().to(obs.device)).transpose(0, 2).flatten(1)
+    shift = diff.mean(1)
+    return {
+        "mae": float(diff.abs().mean()),
+        "shift": [float(v) for v in shift],
+        "max_abs_shift": float(shift.abs().max()),
+    }
 
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ..data.imageio import load_image, save_image
 from ..data.tasks import Task, make_task
 from ..latent import Codes, Component
 from ..model import TowerModel
-from ..resample import downsample, resize
+from ..resample import resize
 from ..search import hierarchical
 from .sample import eval_mode, redraw_from
 from .tiling import pad_to_tower
@@ -387,13 +387,14 @@ def _refine(
 
 
 def consistency(sample: Tensor, x: Tensor, task: Task) -> Tensor:
-    """For super-resolution: how far each sample (N, 3, H, W), brought back to the input's size, is from
-    the input x (1 or N, 3, h, w): mean absolute error in [0, 1] units, (N,). A faithful upscaler's samples
-    differ in detail but all downsample to (almost) the input; a large value means the sample made up
-    content the input contradicts. The downsampling is the task's own (antialiased bicubic, no rounding)."""
-    if task.name != "sr":
-        raise ValueError(f"consistency is defined for super-resolution, not for the {task.name!r} task")
-    small = downsample(sample.float(), task.scale)
+    """How far each sample (N, 3, H, W), observed as the task observes (`Task.observe`: for
+    super-resolution the antialiased bicubic downsample, no rounding), is from the input x (1 or N, C, h, w):
+    mean absolute error in [0, 1] units, (N,). A faithful upscaler's samples differ in detail but all
+    downsample to (almost) the input; a large value means the sample made up content the input
+    contradicts. `chimle.evaluation.metrics.consistency` is the aggregate over a set, with the shifts."""
+    small = task.observe(sample.float())
+    if small is None:
+        raise ValueError(f"consistency is not defined for the {task.name!r} task")
     if small.shape[-2:] != x.shape[-2:]:
         raise ValueError(
             f"samples of {tuple(sample.shape[-2:])} do not match the input {tuple(x.shape[-2:])} at scale {task.scale}"

@@ -34,7 +34,7 @@ from ..model import TowerModel
 from ..resample import resize
 from .explore import sample_with_code
 from .figures import save_grid
-from .sample import eval_mode, generate, interpolate, redraw_from
+from .sample import back_project, eval_mode, generate, interpolate, redraw_from
 from .tiling import auto_tile, pad_to_tower, tiled_bands
 from .weights import load_with_task
 
@@ -60,6 +60,7 @@ def sample_paths(
     overlap: int | None = None,
     memory_budget: int | str | None = None,
     code: str | Path | None = None,
+    project: bool = False,
 ) -> list[Path]:
     """Sample `num` outputs for an image or a folder of images; write each output and a grid.
 
@@ -69,6 +70,9 @@ def sample_paths(
     tile: tiled inference for images too large to run at once: a tile side in input pixels, or
     "auto" for the largest tile that fits `memory_budget` (default: half the free GPU memory, 2 GB
     on the CPU); images that fit whole are not tiled.
+
+    project: back-project super-resolution samples onto their input (`sample.back_project`):
+    post-processing that enforces consistency with the input, off by default.
 
     degrade=True treats the files as targets: the task makes the input from each one (so the grid
     shows input | samples | target). Otherwise the files are the inputs themselves (a low-resolution
@@ -85,9 +89,9 @@ def sample_paths(
     g = torch.Generator(device=model.device).manual_seed(seed)
     written: list[Path] = []
     for p in tqdm(paths, desc="sample", disable=not progress or len(paths) < 2):
-        img = load_image(p)
         target = None
         if degrade:
+            img = load_image(p)
             if task is None or task.paired:
                 raise ValueError("--degrade needs a task that makes inputs from photos (sr, colorize, jpeg, night)")
             target = img
@@ -95,12 +99,14 @@ def sample_paths(
                 h, w = (s - s % task.scale for s in img.shape[-2:])
                 target = img[:, :h, :w]
             x = task.degrade(target, seed)
-        else:
-            x = img if task is None else task.prepare_input(img)
+        else:  # the file is the input: an image, or a scene layout's label map
+            x = load_image(p) if task is None else task.read_input(p)
         x, (h, w) = pad_to_tower(x[None], model)
         if same_code:  # the same draws for every input: sample k shares its code across the inputs
             g = torch.Generator(device=model.device).manual_seed(seed)
         side = _tile_side(model, tuple(x.shape[-2:]), tile, memory_budget)
+        if project and (task is None or task.name != "sr" or side is not None):
+            raise ValueError("--project works on untiled super-resolution samples (no --tile)")
         if interpolate_steps:
             if side is not None:
                 raise ValueError("--interpolate does not support --tile")
@@ -113,6 +119,8 @@ def sample_paths(
             samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=overlap)
         s = model.cfg.scale
         samples = samples[..., : h * s, : w * s].cpu()
+        if project:
+            samples = back_project(samples, x[..., :h, :w].cpu(), task)
         stem = out / p.stem
         for k in range(samples.shape[0]):
             written.append(save_image(samples[k, 0], stem.with_name(f"{p.stem}_{k:03d}.png")))

@@ -7,6 +7,9 @@ At test time every level's component is drawn independently (CHIMLE Sect. 2.2). 
                  `sample_paths` every file replays the same draws, so sample k shares its code;
   interpolate    a sequence of outputs between two codes (cIMLE Fig. 11).
 
+`back_project` is optional post-processing, off by default (`chimle sample --project`): it replaces a
+super-resolution sample's low frequencies by the input's, as Explorable SR's consistency enforcement does.
+
     samples = generate(model, x, num=8, generator=torch.Generator().manual_seed(0), task=task)
     frames = interpolate(model, x, steps=16, generator=g, task=task)
 
@@ -19,6 +22,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import latent
@@ -27,7 +31,7 @@ from ..latent import Codes
 from ..model import TowerModel
 from .tiling import tiled_forward
 
-__all__ = ["generate", "interpolate", "redraw_from", "eval_mode"]
+__all__ = ["generate", "interpolate", "redraw_from", "eval_mode", "back_project"]
 
 
 @contextlib.contextmanager
@@ -136,3 +140,23 @@ def interpolate(
             out = model(x, latent.unflatten((1 - t) * za + t * zb, layout))[-1]
             frames.append(out if task is None else task.rgb(out, x))
     return torch.stack(frames)
+
+
+@torch.no_grad()
+def back_project(samples: Tensor, x: Tensor, task: Task, iters: int = 20) -> Tensor:
+    """Super-resolution samples (..., N, 3, H, W) made consistent with their inputs x (N, 3, h, w).
+
+    Iterative back-projection (Irani & Peleg 1991): s <- s + up(x - observe(s)), `observe` the task's
+    bicubic downsample and `up` the bicubic upsample, so the sample's low frequencies converge to the
+    input's and its high frequencies (the model's detail) stay. Post-processing, not the model: the
+    consistency of the models themselves is measured without it (README, "Shipped models").
+    """
+    if task.name != "sr":
+        raise ValueError(f"back-projection is defined for super-resolution, not {task.name!r}")
+    shape = samples.shape
+    s = samples.reshape(-1, *shape[-3:]).float()
+    xx = x.to(s).repeat(s.shape[0] // x.shape[0], 1, 1, 1)
+    for _ in range(iters):
+        err = xx - task.observe(s)
+        s = (s + F.interpolate(err, size=shape[-2:], mode="bicubic", align_corners=False)).clamp(0, 1)
+    return s.reshape(shape).to(samples.dtype)

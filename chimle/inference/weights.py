@@ -2,7 +2,8 @@
 
     state = load_state(path)                     # a training checkpoint (chimle.training.checkpoint writes them)
     export("runs/x/checkpoints/last.pt", "sr8.safetensors")
-    model = chimle.load("sr8.safetensors")       # or a training checkpoint, or a name under ~/.cache/chimle/weights
+    model = chimle.load("sr8.safetensors")       # or a training checkpoint, or a name:
+    model = chimle.load("sr8-small")             # shipped (`chimle models`), else in ~/.cache/chimle/weights
 
 A training checkpoint is a torch pickle of plain tensors and numbers (model, optimizer, step, round,
 the pool's codes, RNG state, the resolved config); it is read with weights_only=True. Exported
@@ -25,7 +26,17 @@ from safetensors.torch import save
 from ..data.imageio import atomic_write
 from ..model import TowerConfig, TowerModel
 
-__all__ = ["CheckpointError", "load_state", "export", "load", "load_with_task", "weights_dir"]
+__all__ = [
+    "CheckpointError",
+    "load_state",
+    "export",
+    "load",
+    "load_with_task",
+    "weights_dir",
+    "shipped_dir",
+    "available_models",
+    "model_card",
+]
 
 
 class CheckpointError(ValueError):
@@ -90,8 +101,9 @@ def _reason(text: str) -> str:
     return text.split(". This is an internal")[0].split(". ")[0][:200]
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Training checkpoint -> safetensors with {"model": TowerConfig, "task": task config} metadata."""
+def export(checkpoint: str | Path, out: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Training checkpoint -> safetensors with {"model": TowerConfig, "task": task config} metadata;
+    `card` (a model card: data, steps, wall time, metrics) is stored beside them as JSON."""
     state = load_state(checkpoint)
     meta = {
         "model": json.dumps(state["model_config"]),
@@ -99,6 +111,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         "step": str(state["step"]),
         "format": "chimle-1",
     }
+    if card is not None:
+        meta["card"] = json.dumps(card)
     tensors = {k: v.contiguous() for k, v in state["model"].items()}
     return atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))
 
@@ -108,16 +122,49 @@ def weights_dir() -> Path:
     return Path(os.environ.get("CHIMLE_HOME", Path.home() / ".cache" / "chimle")) / "weights"
 
 
+def shipped_dir() -> Path:
+    """The models that ship inside the package (chimle/weights/*.safetensors, README "Shipped models")."""
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def available_models() -> dict[str, Path]:
+    """{name: file} of the weights a name can load: the shipped ones, then the user's in `weights_dir()`
+    (a user's file does not shadow a shipped name)."""
+    found: dict[str, Path] = {}
+    for d in (shipped_dir(), weights_dir()):
+        if d.is_dir():
+            for q in sorted(d.glob("*.safetensors")):
+                found.setdefault(q.stem, q)
+    return found
+
+
+def model_card(path: str | Path) -> dict[str, Any]:
+    """What a weights file (or name) says of itself without building the model: its task, its model
+    config, the training step, the file size, and its model card (`export(card=...)`) if it has one."""
+    p = _resolve(path)
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {
+        "file": str(p),
+        "megabytes": round(p.stat().st_size / 2**20, 2),
+        "task": json.loads(meta.get("task", "{}")),
+        "model": json.loads(meta.get("model", "{}")),
+        "step": int(meta.get("step", 0)),
+        **json.loads(meta.get("card", "{}")),
+    }
+
+
 def _resolve(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    if not p.suffix:  # a name: look it up among the released weights
-        cand = weights_dir() / f"{p.name}.safetensors"
-        if cand.exists():
-            return cand
-        names = sorted(q.stem for q in weights_dir().glob("*.safetensors")) if weights_dir().is_dir() else []
-        raise CheckpointError(f"no weights named '{path}' in {weights_dir()} (available: {', '.join(names) or 'none'})")
+    if not p.suffix:  # a name: the shipped models, then the user's released weights
+        models = available_models()
+        if p.name in models:
+            return models[p.name]
+        raise CheckpointError(
+            f"no weights named '{path}' (shipped, or in {weights_dir()}); available: {', '.join(models) or 'none'}"
+        )
     raise CheckpointError(f"weights file '{path}' does not exist")
 
 

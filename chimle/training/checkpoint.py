@@ -17,6 +17,7 @@ always has a fallback. A write goes to a staging file first; only a complete, fs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 import yaml
 
 from ..data.imageio import atomic_write
+from .config import Config
 
 __all__ = ["FORMAT", "save_state", "previous_path", "nonfinite", "trajectory_changes", "RESUMABLE_CHANGES"]
 
@@ -120,11 +122,13 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def trajectory_changes(saved_yaml: str, current_yaml: str) -> list[str]:
     """'key: old -> new' for every config field that differs between the saved run and the current
-    config and would change the trajectory (see RESUMABLE_CHANGES)."""
+    config and would change the trajectory (see RESUMABLE_CHANGES). A field that a run saved by an older
+    chimle does not have counts as its default (which is what that version did)."""
     old, new = _flat(yaml.safe_load(saved_yaml)), _flat(yaml.safe_load(current_yaml))
-    keys = sorted(set(old) | set(new))
+    defaults = _flat(dataclasses.asdict(Config()))
+    old = {k: old.get(k, defaults.get(k)) for k in set(old) | set(new)}
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in keys
+        for k in sorted(old)
         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     ]

@@ -52,9 +52,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    task: str = "sr"  # sr | colorize | jpeg | paired | night (synthetic night-to-day)
-    data: str = ""  # folder of training photos (targets); "builtin" = scikit-image's photos
-    target: str = ""  # paired task only: folder of target images (then `data` holds the inputs)
+    task: str = "sr"  # sr | colorize | jpeg | paired | night (synthetic night-to-day) | layout (label maps)
+    data: str = ""  # folder of training photos (targets); "builtin" = scikit-image's photos; "wallpapers" = Debian's
+    target: str = ""  # paired and layout tasks: folder of target images (then `data` holds the inputs)
     val_data: str = ""  # optional folder of held-out photos for sample grids ("" = none)
     scale: int = 8  # sr only: upscaling factor, 2^levels (16 in CHIMLE, 8 in cIMLE)
     quality: int = 1  # jpeg only: JPEG quality of the inputs (1 in the paper)
@@ -63,6 +63,11 @@ class DataConfig:
     skip_bad: bool = False  # skip unreadable images with a warning instead of stopping
     cache: bool = True  # keep decoded images in memory (small datasets; set false for large ones)
     verify: bool = True  # decode every file once at start-up so a bad file fails now, not mid-run
+    # layout only (scene layouts, cIMLE Sect. 4.2)
+    num_classes: int = 0  # classes of the label maps (0 = the largest id found in `data` + 1)
+    ignore_index: int = 255  # the void id: no class, zero loss weight
+    palette: str = ""  # palette file (`id r g b` per line) for colour label maps; "" = maps of class ids
+    rebalance: bool = False  # dataset rebalancing (Sect. 4.2.3): pool images drawn in proportion to rarity
 
 
 @dataclass
@@ -89,6 +94,7 @@ class TrainConfig:
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     pixel_weight: float = 0.0  # weight of an extra per-level L1 loss (0 = LPIPS only, as the paper)
+    loss_rebalance: bool = False  # layout: per-pixel loss weights from each category's rarity (cIMLE 4.2.3)
     seed: int = 0  # seeds the crops, the searches and the batch order
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -214,6 +220,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# distances whose differences take per-pixel weights (`mask=`): the loss rebalancing of scene layouts
+MASKED_DISTANCES = ("vgg_l1", "pixel_vgg")
+
+
 def validate(cfg: Config) -> None:
     choices = {
         "data.task": (cfg.data.task, tuple(TASKS)),
@@ -246,12 +256,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"search.samples_per_level: counts must be >= 1, got {cfg.search.samples_per_level}")
     if cfg.data.task == "sr" and (cfg.data.scale < 2 or cfg.data.scale & (cfg.data.scale - 1)):
         raise ConfigError(f"data.scale: must be a power of two >= 2, got {cfg.data.scale}")
-    resolve_model(cfg)
+    if cfg.data.task != "layout" and (cfg.data.rebalance or cfg.train.loss_rebalance):
+        raise ConfigError("data.rebalance and train.loss_rebalance are for the layout task (category rarity)")
+    if cfg.train.loss_rebalance and cfg.search.distance not in MASKED_DISTANCES:
+        raise ConfigError(
+            f"train.loss_rebalance weights the feature differences of {' or '.join(MASKED_DISTANCES)} "
+            f"(search.distance), not of {cfg.search.distance!r}"
+        )
+    if cfg.data.task != "layout" or cfg.data.num_classes:  # else the trainer counts the classes first
+        resolve_model(cfg)
 
 
 def resolve_model(cfg: Config) -> TowerConfig:
     """The TowerConfig of a run: preset, then the task's requirements, then `model` overrides."""
-    task = {"sr": dict(layout="upscale"), "colorize": dict(in_channels=1, out_channels=2)}.get(cfg.data.task, {})
+    task = {
+        "sr": dict(layout="upscale"),
+        "colorize": dict(in_channels=1, out_channels=2),
+        "layout": dict(in_channels=cfg.data.num_classes),
+    }.get(cfg.data.task, {})
     if cfg.data.task == "sr":
         task["levels"] = cfg.data.scale.bit_length() - 1
         task["input_size"] = cfg.data.crop // cfg.data.scale

@@ -36,6 +36,7 @@ class Pool:
     codes: Codes  # the chosen code of every entry, P rows per level component, on the training device
     dists: Tensor  # (P,) the search's distance of each chosen code
     picks: Tensor  # (P, L) winning candidate of every level, (P, 1) for the flat search, (P, 0) for z = 0
+    masks: Tensor | None = None  # (P, 1, H, W) per-pixel loss weights (scene layouts' loss rebalancing)
     # row -> its `level_targets`, batch 1, on the training device (filled by `loss_targets`; dies with the pool)
     target_cache: dict[int, list[LevelTarget]] = field(default_factory=dict, repr=False)
     target_cache_bytes: int = field(default=0, repr=False)
@@ -63,14 +64,16 @@ class Pool:
         values are then the same bits whichever steps draw it and whether it was cached or not, so a
         resumed run (which starts with an empty cache) repeats the uninterrupted one exactly."""
         if not rows:  # an empty share of the batch: what `level_losses` would make of an empty y
-            return level_targets(self.targets[:0].to(device), sizes, distance)
+            mask = None if self.masks is None else self.masks[:0].to(device)
+            return level_targets(self.targets[:0].to(device), sizes, distance, mask=mask)
         if self.target_cache_limit is None:  # once per pool: the free memory shrinks as the cache grows
             self.target_cache_limit = _cache_budget(device) if budget is None else parse_bytes(budget)
         per_row = []
         for r in rows:
             t = self.target_cache.get(r)
             if t is None:
-                t = level_targets(self.targets[r : r + 1].to(device), sizes, distance)
+                mask = None if self.masks is None else self.masks[r : r + 1].to(device)
+                t = level_targets(self.targets[r : r + 1].to(device), sizes, distance, mask=mask)
                 size = sum(x.numel() * x.element_size() for lt in t for x in [lt.image, *(lt.features or [])])
                 if self.target_cache_bytes + size <= self.target_cache_limit:
                     self.target_cache[r] = t

@@ -39,8 +39,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import latent, search
+from ..data import layouts
 from ..data.dataset import ImageDataset
-from ..data.imageio import builtin_photo_dir, read_csv_columns
+from ..data.imageio import WALLPAPERS, builtin_photo_dir, read_csv_columns, wallpaper_photo_dir
 from ..data.tasks import Task, make_task
 from ..distances import make_distance
 from ..inference.figures import plot_curve, save_grid
@@ -110,6 +111,8 @@ class Trainer:
         self.model_cfg = resolve_model(cfg)
         self.dataset = dataset if dataset is not None else self._dataset(cfg.data.data, train=True)
         self.val = self._dataset(cfg.data.val_data, train=False) if cfg.data.val_data else None
+        if cfg.data.rebalance or t.loss_rebalance:
+            self.rarity, self.layout_stats = self._rarity()
         torch.manual_seed(t.seed)  # the model's initial weights
         self.model = TowerModel(self.model_cfg).to(self.device)
         self.distance = make_distance(cfg.search.distance).to(self.device)
@@ -138,6 +141,10 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------
     def _task_kw(self) -> dict[str, Any]:
         d = self.cfg.data
+        if d.task == "layout":
+            if not d.num_classes:  # counted once; config.yaml and the checkpoint record the number
+                d.num_classes = layouts.count_classes(d.data, d.ignore_index, d.palette)
+            return {"num_classes": d.num_classes, "ignore_index": d.ignore_index, "palette": d.palette}
         return {"sr": {"scale": d.scale}, "jpeg": {"quality": d.quality}}.get(d.task, {})
 
     def _dataset(self, root: str, train: bool) -> ImageDataset:
@@ -146,9 +153,11 @@ class Trainer:
             raise ValueError("data.data is empty: pass --data DIR (a folder of photos), or 'builtin'")
         if root == "builtin":
             root = str(builtin_photo_dir())
-        kw = dict(input_root=root, root=d.target) if d.task == "paired" else dict(root=root)
-        if d.task == "paired" and not d.target:
-            raise ValueError("the paired task needs --target DIR (the folder of target images)")
+        elif root == WALLPAPERS:
+            root = str(wallpaper_photo_dir())
+        kw = dict(input_root=root, root=d.target) if self.task.paired else dict(root=root)
+        if self.task.paired and not d.target:
+            raise ValueError(f"the {d.task} task needs --target DIR (the folder of target images)")
         with warnings.catch_warnings():
             if not dist.is_main():
                 warnings.simplefilter("ignore")
@@ -166,16 +175,36 @@ class Trainer:
             )
 
     # -- the pool ---------------------------------------------------------------------------------
-    def pool_crops(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (inputs, targets) of a round's pool, on the CPU: entry k is a random image and a random
-        crop of it, both fixed by (seed, round, k), so a resumed run cuts the same crops."""
+    def pool_crops(self, round_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The (inputs, targets, loss masks or None) of a round's pool, on the CPU: entry k is a random
+        image and a random crop of it, both fixed by (seed, round, k), so a resumed run cuts the same crops."""
         n, size = len(self.dataset), self.cfg.train.pool_size
-        perm = torch.randperm(n, generator=seeded(self.cfg.train.seed, Stream.POOL, round_))
+        g = seeded(self.cfg.train.seed, Stream.POOL, round_)
+        if self.cfg.data.rebalance:  # cIMLE Sect. 4.2.3: images drawn in proportion to their rarity
+            order = layouts.sample_pool(self.rarity, self.layout_stats, size, min(5, len(self.layout_stats)), g)
+        else:
+            order = torch.randperm(n, generator=g)[torch.arange(size) % n]
         items = []
         for k in range(size):
             self.dataset.set_epoch(round_ * (1 + size // n) + k // n)  # a new crop each time an image recurs
-            items.append(self.dataset[int(perm[k % n])])
-        return torch.stack([it["input"] for it in items]), torch.stack([it["target"] for it in items])
+            items.append(self.dataset[int(order[k])])
+        masks = None
+        if self.cfg.train.loss_rebalance:  # per-pixel loss weights of each crop's categories (Sect. 4.2.3)
+            masks = torch.cat(
+                [layouts.loss_weight_map(self.task.labels(it["input"]), self.rarity[it["index"]]) for it in items]
+            )
+        return torch.stack([it["input"] for it in items]), torch.stack([it["target"] for it in items]), masks
+
+    def _rarity(self) -> tuple[torch.Tensor, dict]:
+        """R (images, classes) and the per-category colour statistics of the training layouts
+        (`chimle.data.layouts`), from the whole label maps and photos."""
+        segs, photos = [], []
+        for i in range(len(self.dataset)):
+            y, x = self.dataset.whole(i)
+            segs.append(self.task.labels(x))
+            photos.append(y)
+        stats = layouts.category_mean_colours(segs, photos, ignore_index=-1)
+        return layouts.rarity_weights(stats, len(photos), self.task.num_classes), stats
 
     def _chunks(self) -> list[range]:
         size, b = self.cfg.train.pool_size, self.cfg.search.batch
@@ -223,7 +252,7 @@ class Trainer:
     def search_pool(self) -> Pool:
         """Cut this round's crops and search one code per entry. Each rank takes a shard of the chunks;
         the codes are all-gathered, since the next steps draw their batches from the whole pool."""
-        inputs, targets = self.pool_crops(self.round)
+        inputs, targets, masks = self.pool_crops(self.round)
         chunks = self._chunks()
         mine = dist.shard(len(chunks))
         codes, dists, picks = [], [], []
@@ -253,6 +282,7 @@ class Trainer:
             latent.unflatten(gather(flat), layout),
             gather(torch.cat(dists) if dists else torch.empty(0, device=self.device)).cpu(),
             gather(torch.cat(picks) if picks else torch.empty(0, 0, dtype=torch.long, device=self.device)).cpu(),
+            masks=masks,
         )
 
     @property
@@ -643,7 +673,7 @@ class Trainer:
         self.checkpoint_file, self.checkpoint_step = path, s["step"]
         torch.set_rng_state(s["torch_rng"])
         if s["pool"] is not None:
-            inputs, targets = self.pool_crops(self.round)
+            inputs, targets, masks = self.pool_crops(self.round)
             recipe = s["pool"]
             self.pool = Pool(
                 self.round,
@@ -652,6 +682,7 @@ class Trainer:
                 self._replay(recipe["picks"].long()),
                 recipe["dists"],
                 recipe["picks"].long(),
+                masks=masks,
             )
 
     def _writer(self):

@@ -1,0 +1,406 @@
+"""`chimle reproduce`: the papers' experiments at CPU scale, as one report.
+
+    chimle reproduce --out report/ --quick          # tiny towers, few steps and seeds: minutes on 2 cores
+    chimle reproduce --out report/                  # the CPU-scale report: hours on a CPU
+    chimle reproduce --out report/ --resume         # reuse every finished part (and resume training runs)
+
+Parts, each beside the paper's number or figure:
+  mnist       TIM Fig. 1: predictions for unseen digits and their PCA coordinates (`chimle mnist`).
+  efficiency  TIM Fig. 3 / CHIMLE Fig. 2: the samples flat cIMLE needs to get as close to the observed
+              image as CHIMLE, counted in samples and at equal compute (`chimle bench efficiency`).
+  ablation    CHIMLE Fig. 7: the ablation ladder, mean and spread over seeds (`chimle bench ablation`).
+  table1      CHIMLE Table 1 at CPU scale: CHIMLE and cIMLE trained on the same photos for the same steps
+              with the same search compute per image (cIMLE draws as many whole codes as CHIMLE's search
+              costs in full-forward equivalents, `chimle.search.search_cost`), on sr, colorize, jpeg and
+              the synthetic night task; KID with its spread over subsets, LPIPS to the target best of K,
+              FwV at sigma 0.2 and LPIPS diversity on held-out tiles, mean and spread over seeds.
+
+Data: scikit-image's photos; astronaut, coffee, motorcycle_left and motorcycle_right train, chelsea and
+rocket are held out (cut into tiles for the metrics). Every part writes PART/result.json when it
+finishes, and report.md / report.html (figures inline) are written from those after every part, so
+an interrupted run keeps what it finished and `--resume` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.imageio import builtin_photo_dir, load_image, save_image
+from ..distances import make_distance
+from ..evaluation.evaluate import evaluate
+from ..search import level_costs, search_cost
+from ..training.config import load_config
+from ..training.trainer import Trainer
+from . import bench_quality, mnist
+
+__all__ = ["main", "run", "Sizes", "QUICK", "FULL"]
+
+HELD_OUT = ("chelsea", "rocket")
+TASKS = ("sr", "colorize", "jpeg", "night")
+PAPER_TABLE1_FID = {  # CHIMLE Table 1 (REFERENCE.md): (CHIMLE, cIMLE); "night" is the real night-to-day task
+    "sr": (16.01, 28.42),
+    "colorize": (24.33, 63.00),
+    "jpeg": (73.69, 101.66),
+    "night": (141.44, 166.28),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How large each part runs."""
+
+    preset: str = "small"
+    crop: int = 64
+    mnist_steps: int = 2000
+    sr_steps: int = 3000  # the SR tower of the efficiency curve
+    schedule: tuple[int, ...] = (16, 8, 4)  # CHIMLE's m_l in training (the demo's)
+    efficiency_seeds: int = 10
+    efficiency_images: int = 8
+    efficiency_budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    ablation_steps: int = 1500
+    ablation_seeds: int = 3
+    table1_steps: int = 2500
+    table1_seeds: int = 3
+    eval_samples: int = 10
+    eval_images: int | None = None  # held-out tiles used (None: all)
+    pool: int = 96
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    preset="tiny",
+    crop=32,
+    mnist_steps=300,
+    sr_steps=300,
+    schedule=(8, 4, 2),
+    efficiency_seeds=3,
+    efficiency_images=4,
+    efficiency_budgets=(1, 2, 4, 8),
+    ablation_steps=150,
+    ablation_seeds=2,
+    table1_steps=150,
+    table1_seeds=2,
+    eval_samples=4,
+    eval_images=24,
+    pool=32,
+)
+
+
+def _split(out: Path) -> tuple[Path, Path, Path]:
+    """out/photos/{train,held_out} from the bundled photos, and out/photos/tiles: the held-out photos
+    cut into 64 px tiles (two photos give ~90 tiles: enough images for KID's subsets)."""
+    train, held, tiles = (out / "photos" / k for k in ("train", "held_out", "tiles"))
+    for d in (train, held, tiles):
+        d.mkdir(parents=True, exist_ok=True)
+    for p in sorted(builtin_photo_dir().iterdir()):
+        dst = (held if p.stem in HELD_OUT else train) / p.name
+        if not dst.exists():
+            shutil.copy(p, dst)
+        if p.stem in HELD_OUT and not any(tiles.glob(f"{p.stem}_*")):
+            y = load_image(p)
+            for top in range(0, y.shape[1] - 63, 64):
+                for left in range(0, y.shape[2] - 63, 64):
+                    save_image(y[:, top : top + 64, left : left + 64], tiles / f"{p.stem}_{top}_{left}.png")
+    return train, held, tiles
+
+
+def _train(out: Path, sz: Sizes, task: str, steps: int, seed: int, train_dir: Path, **search: Any) -> Trainer:
+    """Train (or resume, or reuse when finished) one tower of the report."""
+    base = {
+        "out": str(out),
+        "preset": sz.preset,
+        "model": {"blocks": 1},
+        "data.task": task,
+        "data.scale": 8,
+        "data.crop": sz.crop,
+        "data.data": str(train_dir),
+        "search.distance": "alex",
+        "search.samples_per_level": list(sz.schedule),
+        "search.batch": 32,
+        "train.steps": steps,
+        "train.pool_size": sz.pool,
+        "train.steps_per_round": 200,
+        "train.batch_size": 4,
+        "train.lr": 2e-4,
+        "train.seed": seed,
+        "train.sample_every": 0,
+        "train.checkpoint_every": 500,
+        **{f"search.{k}": v for k, v in search.items()},
+    }
+    trainer = Trainer(load_config(base=base), resume=(out / "checkpoints" / "last.pt").exists(), quiet=True)
+    if trainer.step < steps:
+        trainer.run()
+    return trainer
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def part_mnist(out: Path, sz: Sizes, dirs) -> dict:
+    m = mnist.run(out, steps=sz.mnist_steps, quiet=True)
+    return {k: v for k, v in m.items() if isinstance(v, (int, float, list, str))}
+
+
+def part_efficiency(out: Path, sz: Sizes, dirs) -> dict:
+    train_dir, held, _ = dirs
+    tr = _train(out / "sr8", sz, "sr", sz.sr_steps, 0, train_dir)
+    r = bench_quality.run_efficiency(
+        str(tr.checkpoint_path),
+        str(held),
+        str(out),
+        seeds=sz.efficiency_seeds,
+        images=sz.efficiency_images,
+        budgets=list(sz.efficiency_budgets),
+        distance="alex",
+        schedules=[list(sz.schedule)],
+    )
+    return {"rows": r["rows"], "figure": "efficiency/efficiency.png"}
+
+
+def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
+    train_dir, held, _ = dirs
+    per_seed = []
+    for seed in range(sz.ablation_seeds):
+        per_seed.append(
+            bench_quality.run_ablation(
+                str(train_dir),
+                str(held),
+                str(out / f"seed{seed}"),
+                steps=sz.ablation_steps,
+                preset=sz.preset,
+                crop=sz.crop,
+                samples=sz.eval_samples,
+                overrides=[f"train.seed={seed}", "model.blocks=1", f"train.pool_size={sz.pool}"],
+            )
+        )
+    rows = []
+    for i, rung in enumerate(r["ablation"] for r in per_seed[0]):
+        row = {"ablation": rung}
+        for key in ("fid", "lpips_best_of_k", "lpips_mean"):
+            row[key], row[f"{key}_std"] = _mean_std([s[i][key] for s in per_seed])
+        rows.append(row)
+    return {"rows": rows, "seeds": sz.ablation_seeds}
+
+
+def part_table1(out: Path, sz: Sizes, dirs) -> dict:
+    train_dir, _, tiles = dirs
+    rows = []
+    for task in TASKS:
+        per_method: dict[str, list[dict]] = {}
+        for seed in range(sz.table1_seeds):
+            chimle = _train(out / task / f"chimle_s{seed}", sz, task, sz.table1_steps, seed, train_dir)
+            # cIMLE at the search compute of CHIMLE's schedule (full-forward equivalents, FLOPs)
+            costs = level_costs(chimle.model, chimle.input_hw, make_distance("alex"), chimle.task.rgb)
+            m_flat = max(1, round(search_cost(costs, sz.schedule)))
+            cimle = _train(
+                out / task / f"cimle_s{seed}",
+                sz,
+                task,
+                sz.table1_steps,
+                seed,
+                train_dir,
+                method="cimle",
+                num_samples=m_flat,
+            )
+            for name, tr in (("chimle", chimle), ("cimle", cimle)):
+                r = evaluate(
+                    tr.model,
+                    tr.task,
+                    tiles,
+                    num_samples=sz.eval_samples,
+                    out_dir=tr.out / "eval",
+                    crop=64,
+                    max_images=sz.eval_images,
+                    ivo_runs=0,
+                )
+                per_method.setdefault(name, []).append({**r, "m_flat": m_flat})
+        for name, runs in per_method.items():
+            row = {"task": task, "method": name, "search": _search_label(name, sz, runs[0]["m_flat"])}
+            for key in ("kid", "fid", "lpips_to_target_best_of_k", "fwv_0.2", "lpips_diversity"):
+                row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
+            row["kid_subset_std"] = runs[0]["kid_std"]
+            row["paper_fid"] = PAPER_TABLE1_FID[task][0 if name == "chimle" else 1]
+            rows.append(row)
+    return {"rows": rows, "seeds": sz.table1_seeds, "images": rows and per_method["chimle"][0]["images"]}
+
+
+def _search_label(method: str, sz: Sizes, m_flat: int) -> str:
+    return f"m = {','.join(map(str, sz.schedule))}" if method == "chimle" else f"{m_flat} whole codes"
+
+
+PARTS: dict[str, Callable[[Path, Sizes, tuple], dict]] = {
+    "mnist": part_mnist,
+    "efficiency": part_efficiency,
+    "ablation": part_ablation,
+    "table1": part_table1,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: one list of blocks, rendered as Markdown and as HTML with the figures inline
+
+
+def _table(rows: list[dict], keys: list[str]) -> list[str]:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] + [
+        "| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows
+    ]
+
+
+def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tuple[str, Any]]:
+    b: list[tuple[str, Any]] = [("h1", "chimle: the papers' experiments at CPU scale")]
+    command = "chimle reproduce --out OUT" + (" --quick" if quick else "")
+    b.append(("p", f"Command: `{command}`. Sizes: {json.dumps(asdict(sz))}."))
+    if "mnist" in results:
+        r = results["mnist"]
+        b += [
+            ("h2", "TIM Fig. 1: the MNIST illustration"),
+            (
+                "p",
+                f"Distance to the real digit over PCA coordinates 11-784 of {r.get('inputs')} unseen inputs: best of "
+                f"{r.get('K', 20)} predictions {r['rest_best_of_K']:.3f}, one prediction {r['rest_one_sample']:.3f}, "
+                f"the PCA input alone {r['rest_pca_input']:.3f}. Paper: predictions spread around the real digit's "
+                f"coordinates (Fig. 1b). {r['seconds']:.0f} s.",
+            ),
+            ("img", "mnist/fig1a_predictions.png"),
+            ("img", "mnist/fig1b_coordinates.png"),
+        ]
+    if "efficiency" in results:
+        keys = ["per_level_m", "chimle_samples", "chimle_compute", "lpips_threshold", "threshold_std"]
+        keys += ["cimle_samples", "ratio_samples", "ratio_compute"]
+        b += [
+            ("h2", "TIM Fig. 3 / CHIMLE Fig. 2: sample efficiency"),
+            (
+                "p",
+                "Samples flat cIMLE needs to reach the distance CHIMLE reaches, in samples (each partial "
+                "evaluation one sample) and at equal compute (full-forward equivalents). Paper: CHIMLE needs "
+                "fewer samples, the more so the closer the required distance.",
+            ),
+            ("table", _table(results["efficiency"]["rows"], keys)),
+            ("img", "efficiency/efficiency.png"),
+        ]
+    if "ablation" in results:
+        r = results["ablation"]
+        b += [
+            ("h2", "CHIMLE Fig. 7: ablations"),
+            ("p", f"Mean and spread over {r['seeds']} seeds. Paper: each removal makes FID worse."),
+            ("table", _table(r["rows"], ["ablation", "fid", "fid_std", "lpips_best_of_k", "lpips_best_of_k_std"])),
+        ]
+    if "table1" in results:
+        r = results["table1"]
+        keys = ["task", "method", "search", "kid", "kid_std", "kid_subset_std", "lpips_to_target_best_of_k"]
+        keys += ["lpips_to_target_best_of_k_std", "fwv_0.2", "lpips_diversity", "fid", "paper_fid"]
+        b += [
+            ("h2", "CHIMLE Table 1 at CPU scale, equal search compute"),
+            (
+                "p",
+                f"Mean and spread over {r['seeds']} seeds ({r['images']} held-out tiles). kid_std: over seeds; "
+                "kid_subset_std: over KID's subsets in one run. FID is biased with fewer images than 2,048 "
+                "features: shown beside the paper's (real datasets, 512 px) for orientation only.",
+            ),
+            ("table", _table(r["rows"], keys)),
+        ]
+    b.append(("h2", "Time per part"))
+    times = [{"part": k, "seconds": v["seconds"]} for k, v in results.items()]
+    b.append(("table", _table(times, ["part", "seconds"])))
+    return b
+
+
+def write_report(out: Path, blocks: list[tuple[str, Any]]) -> tuple[Path, Path]:
+    md, body = [], []
+    for kind, v in blocks:
+        if kind in ("h1", "h2"):
+            md += ["#" * int(kind[1]) + " " + v, ""]
+            body.append(f"<{kind}>{html.escape(v)}</{kind}>")
+        elif kind == "p":
+            md += [v, ""]
+            body.append(f"<p>{html.escape(v)}</p>")
+        elif kind == "table":
+            md += [*v, ""]
+            cells = [[c.strip() for c in line.strip("|").split("|")] for line in v if "---" not in line]
+            rows = "".join(
+                "<tr>" + "".join(f"<{t}>{html.escape(c)}</{t}>" for c in r) + "</tr>"
+                for t, r in (("th" if i == 0 else "td", r) for i, r in enumerate(cells))
+            )
+            body.append(f"<table>{rows}</table>")
+        elif kind == "img":
+            md += [f"![{v}]({v})", ""]
+            data = base64.b64encode((out / v).read_bytes()).decode() if (out / v).exists() else ""
+            body.append(f'<p><img alt="{html.escape(v)}" src="data:image/png;base64,{data}"></p>')
+    (out / "report.md").write_text("\n".join(md))
+    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:2px 6px}"
+    (out / "report.html").write_text(
+        f"<!doctype html><meta charset=utf-8><title>chimle report</title><style>{style}</style>{''.join(body)}"
+    )
+    return out / "report.md", out / "report.html"
+
+
+def run(
+    out: str | Path,
+    sizes: Sizes = FULL,
+    parts: tuple[str, ...] = tuple(PARTS),
+    resume: bool = False,
+    quick: bool = False,
+) -> dict:
+    """Run the `parts` (reusing finished ones with `resume`) and write the report; returns the results."""
+    out = Path(out)
+    dirs = _split(out)
+    results: dict[str, dict] = {}
+    for name in parts:
+        done = out / name / "result.json"
+        if resume and done.exists():
+            results[name] = json.loads(done.read_text())
+            continue
+        print(f"reproduce: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        r = PARTS[name](out / name, sizes, dirs)
+        r["seconds"] = round(time.time() - t0, 1)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(r, indent=1, default=float))
+        results[name] = r
+        write_report(out, report_blocks(results, sizes, quick))
+    write_report(out, report_blocks(results, sizes, quick))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chimle reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="report", help="folder of the report and every run it trains")
+    p.add_argument("--quick", action="store_true", help="tiny towers, few steps and seeds (minutes)")
+    p.add_argument("--resume", action="store_true", help="reuse finished parts and resume unfinished runs")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--mnist", help="MNIST digits for the mnist part (default: as `chimle mnist` finds them)")
+    a = p.parse_args(argv)
+    parts = tuple(x for x in a.parts.split(",") if x)
+    if unknown := [x for x in parts if x not in PARTS]:
+        p.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    if not a.quick:
+        print(
+            "reproduce: the full report trains 37 towers, which takes hours on a CPU (--quick: minutes)",
+            file=sys.stderr,
+        )
+    if a.mnist:
+        os.environ["CHIMLE_MNIST"] = a.mnist  # where `chimle mnist` looks first
+    run(a.out, QUICK if a.quick else FULL, parts, resume=a.resume, quick=a.quick)
+    print(f"report: {Path(a.out) / 'report.md'} and report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

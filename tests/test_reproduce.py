@@ -1,0 +1,72 @@
+"""`chimle reproduce` in reduced form: every part runs at tiny sizes and every section of the report
+is written with numbers; a second run with --resume reuses the finished parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from chimle.apps import reproduce
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ASSET = Path(os.environ.get("CHIMLE_TEST_ASSETS", Path.home() / ".cache/chimle/test-assets")) / "mnist_5k.csv.gz"
+
+TINY = replace(
+    reproduce.QUICK,
+    crop=16,
+    mnist_steps=10,
+    sr_steps=6,
+    schedule=(3, 2, 2),
+    efficiency_seeds=2,
+    efficiency_images=2,
+    efficiency_budgets=(1, 2),
+    ablation_steps=4,
+    ablation_seeds=1,
+    table1_steps=4,
+    table1_seeds=2,
+    eval_samples=2,
+    eval_images=4,
+    pool=8,
+)
+
+
+@pytest.mark.skipif(not ASSET.exists(), reason="MNIST digits: run scripts/fetch_test_assets.sh")
+def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIMLE_MNIST", str(ASSET))
+    out = tmp_path / "report"
+    results = reproduce.run(out, TINY, quick=True)
+    md = (out / "report.md").read_text()
+    for title in ("TIM Fig. 1", "CHIMLE Fig. 2", "CHIMLE Fig. 7", "CHIMLE Table 1", "Time per part"):
+        assert f"## {title}" in md or title in md, title
+    # Table 1: both methods for every task, finite KID with a spread over seeds, the paper's FID beside
+    rows = results["table1"]["rows"]
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in reproduce.TASKS for m in ("chimle", "cimle")}
+    for r in rows:
+        assert math.isfinite(r["kid"]) and r["kid_std"] >= 0 and 0 < r["lpips_to_target_best_of_k"] < 1
+        assert r["paper_fid"] == reproduce.PAPER_TABLE1_FID[r["task"]][r["method"] == "cimle"]
+    # cIMLE searched as many whole codes as CHIMLE's schedule costs (more than m_L, fewer than the sum)
+    m_flat = int(next(r for r in rows if r["method"] == "cimle")["search"].split()[0])
+    assert 2 <= m_flat <= sum(TINY.schedule) + 2
+    table1 = md.split("CHIMLE Table 1")[1].split("## ")[0]
+    assert len(re.findall(r"\| (sr|colorize|jpeg|night) \| (chimle|cimle) \|", table1)) == 8
+    assert len(results["ablation"]["rows"]) == 4 and all(math.isfinite(r["fid"]) for r in results["ablation"]["rows"])
+    assert results["efficiency"]["rows"] and "efficiency.png" in md
+    assert (out / "efficiency" / "efficiency.png").stat().st_size > 1000
+    assert results["mnist"]["rest_best_of_K"] > 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,iVBOR") == 3 and "<table>" in html  # figures inline
+    for part in reproduce.PARTS:
+        assert json.loads((out / part / "result.json").read_text())["seconds"] > 0
+    # --resume: nothing is trained again, the report is the same
+    before = {p: (out / p / "result.json").stat().st_mtime_ns for p in reproduce.PARTS}
+    again = reproduce.run(out, TINY, resume=True, quick=True)
+    assert again == json.loads(json.dumps(results, default=float))
+    assert {p: (out / p / "result.json").stat().st_mtime_ns for p in reproduce.PARTS} == before
+    assert (out / "report.md").read_text() == md
