@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from chimle.data.imageio import builtin_photos, save_image
+from chimle.data.imageio import builtin_photos, save_tiles
 from chimle.data.tasks import make_task
 from chimle.evaluation.evaluate import evaluate
 from chimle.evaluation.metrics import consistency
@@ -40,14 +40,7 @@ DATA = (
 
 def heldout_tiles(folder: Path, side: int) -> int:
     """Cut every held-out photo into non-overlapping side x side tiles; returns how many."""
-    n = 0
-    for i, photo in enumerate(builtin_photos()):
-        h, w = photo.shape[-2:]
-        for top in range(0, h - side + 1, side):
-            for left in range(0, w - side + 1, side):
-                save_image(photo[:, top : top + side, left : left + side], folder / f"p{i}_{top}_{left}.png")
-                n += 1
-    return n
+    return sum(save_tiles(photo, folder, side, f"p{i}") for i, photo in enumerate(builtin_photos()))
 
 
 def whole_photos(model, task, num: int, max_side: int) -> dict:

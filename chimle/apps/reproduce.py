@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.imageio import builtin_photo_dir, load_image, save_image
+from ..data.imageio import builtin_photo_dir, load_image, save_tiles
 from ..distances import make_distance
 from ..evaluation.evaluate import evaluate
 from ..search import level_costs, search_cost
@@ -109,10 +109,7 @@ def _split(out: Path) -> tuple[Path, Path, Path]:
         if not dst.exists():
             shutil.copy(p, dst)
         if p.stem in HELD_OUT and not any(tiles.glob(f"{p.stem}_*")):
-            y = load_image(p)
-            for top in range(0, y.shape[1] - 63, 64):
-                for left in range(0, y.shape[2] - 63, 64):
-                    save_image(y[:, top : top + 64, left : left + 64], tiles / f"{p.stem}_{top}_{left}.png")
+            save_tiles(load_image(p), tiles, 64, p.stem)
     return train, held, tiles
 
 

@@ -252,6 +252,17 @@ def save_image(x: torch.Tensor, path: PathLike, quality: int = 95) -> Path:
     return path
 
 
+def save_tiles(image: torch.Tensor, folder: PathLike, side: int, stem: str) -> int:
+    """Cut (C, H, W) into non-overlapping side x side tiles (the remainder dropped), written as
+    folder/STEM_TOP_LEFT.png: many held-out images from a few photos (KID needs more than a handful)."""
+    n = 0
+    for top in range(0, image.shape[-2] - side + 1, side):
+        for left in range(0, image.shape[-1] - side + 1, side):
+            save_image(image[:, top : top + side, left : left + side], Path(folder) / f"{stem}_{top}_{left}.png")
+            n += 1
+    return n
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (plots are written as PNG; no display needed).
     Imported on first use so the core import does not need matplotlib."""
