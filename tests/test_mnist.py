@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -71,6 +72,34 @@ def test_user_files(data, tmp_path, monkeypatch):
         np.testing.assert_array_equal(y, labels)
     monkeypatch.setenv("CHIMLE_MNIST", str(csv))
     assert mnist.find_data() == csv
+
+
+def _write_idx(path: Path, a: np.ndarray) -> None:
+    """LeCun's IDX format (what Fashion-MNIST and the original MNIST ship), written byte by byte."""
+    head = bytes([0, 0, 8, a.ndim]) + np.asarray(a.shape, ">u4").tobytes()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(head + a.astype(np.uint8).tobytes())
+
+
+def test_idx_folder(data, tmp_path):
+    """A folder of IDX files (train + t10k, gzipped or not) reads back the digits in file-name order."""
+    pick = np.arange(0, 5000, 167)[:30]
+    digits, labels = data[0][pick], data[1][pick]
+    pixels = np.rint(digits * 255).astype(np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", pixels[:10])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:10])
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", pixels[10:])
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels[10:])
+    x, y = mnist.load_mnist(tmp_path)
+    np.testing.assert_allclose(x, digits, atol=1e-6)
+    np.testing.assert_array_equal(y, labels)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(ValueError, match="no labels file t10k-labels-idx1-ubyte beside it"):
+        mnist.load_mnist(tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:10])
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03")  # floats: not ours
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        mnist.load_mnist(tmp_path)
 
 
 def test_pca_input(data):

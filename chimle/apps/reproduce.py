@@ -8,12 +8,19 @@ Parts, each beside the paper's number or figure:
   mnist       TIM Fig. 1: predictions for unseen digits and their PCA coordinates (`chimle mnist`).
   efficiency  TIM Fig. 3 / CHIMLE Fig. 2: the samples flat cIMLE needs to get as close to the observed
               image as CHIMLE, counted in samples and at equal compute (`chimle bench efficiency`).
+  factors     What makes that curve better or worse on our towers: training length (snapshots of the
+              efficiency part's tower), resolution (the same tower with level 1 at up to 64 px, and the
+              shipped sr8-small), the distance (pixel L2 on MNIST and Fashion-MNIST, where it is
+              meaningful at every level) and the authors' raw-tanh feedback between SR levels.
   ablation    CHIMLE Fig. 7: the ablation ladder, mean and spread over seeds (`chimle bench ablation`).
   table1      CHIMLE Table 1 at CPU scale: CHIMLE and cIMLE trained on the same photos for the same steps
               with the same search compute per image (cIMLE draws as many whole codes as CHIMLE's search
               costs in full-forward equivalents, `chimle.search.search_cost`), on sr, colorize, jpeg and
               the synthetic night task; KID with its spread over subsets, LPIPS to the target best of K,
               FwV at sigma 0.2 and LPIPS diversity on held-out tiles, mean and spread over seeds.
+
+Fashion-MNIST comes from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist, or env
+CHIMLE_FASHION_MNIST); without it the factors part leaves that row out and says so.
 
 Data: scikit-image's photos; astronaut, coffee, motorcycle_left and motorcycle_right train, chelsea and
 rocket are held out (cut into tiles for the metrics). Every part writes PART/result.json when it
@@ -37,9 +44,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.imageio import builtin_photo_dir, load_image, save_tiles
+import torch
+from tqdm.auto import tqdm
+
+from ..data.imageio import builtin_photo_dir, load_image, pyplot, save_figure, save_tiles
+from ..data.tasks import make_task
 from ..distances import make_distance
+from ..evaluation.efficiency import level_diagnostics, sample_efficiency
 from ..evaluation.evaluate import evaluate
+from ..inference.weights import load_with_task
 from ..search import level_costs, search_cost
 from ..training.config import load_config
 from ..training.trainer import Trainer
@@ -66,9 +79,14 @@ class Sizes:
     mnist_steps: int = 2000
     sr_steps: int = 3000  # the SR tower of the efficiency curve
     schedule: tuple[int, ...] = (16, 8, 4)  # CHIMLE's m_l in training (the demo's)
-    efficiency_seeds: int = 10
+    efficiency_seeds: int = 3
     efficiency_images: int = 8
-    efficiency_budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    efficiency_budgets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    length_stages: tuple[int, ...] = (500, 1000, 2000)  # snapshots of the efficiency tower (and sr_steps)
+    resolution_crops: tuple[int, ...] = (64, 128, 256)  # output sides: level 1 at crop / 4 px
+    factor_budgets: tuple[int, ...] = (1, 4, 16)  # CHIMLE's m per level in the factors part
+    factor_seeds: int = 3
+    factor_images: int = 8
     ablation_steps: int = 1500
     ablation_seeds: int = 3
     table1_steps: int = 2500
@@ -88,6 +106,11 @@ QUICK = Sizes(
     efficiency_seeds=3,
     efficiency_images=4,
     efficiency_budgets=(1, 2, 4, 8),
+    length_stages=(100, 200),
+    resolution_crops=(32, 128),
+    factor_budgets=(1, 4),
+    factor_seeds=2,
+    factor_images=4,
     ablation_steps=150,
     ablation_seeds=2,
     table1_steps=150,
@@ -113,12 +136,35 @@ def _split(out: Path) -> tuple[Path, Path, Path]:
     return train, held, tiles
 
 
-def _train(out: Path, sz: Sizes, task: str, steps: int, seed: int, train_dir: Path, **search: Any) -> Trainer:
-    """Train (or resume, or reuse when finished) one tower of the report."""
+# One progress bar per part (`run` opens it): a tick per tower trained or reused and per evaluation.
+_bar: tqdm | None = None
+
+
+def _tick() -> None:
+    if _bar is not None:
+        _bar.update()
+
+
+def _units(part: str, sz: Sizes) -> int:
+    """The ticks a part makes: the total of its progress bar."""
+    stages = len({*sz.length_stages, sz.sr_steps})
+    return {
+        "mnist": 1,
+        "efficiency": stages + 1,
+        "factors": 2 * stages + len(sz.resolution_crops) + 1 + 2 + 1 + 2,
+        "ablation": sz.ablation_seeds,
+        "table1": len(TASKS) * sz.table1_seeds * 4,
+    }[part]
+
+
+def _train(
+    out: Path, sz: Sizes, task: str, steps: int, seed: int, train_dir: Path, model: dict | None = None, **search: Any
+) -> Trainer:
+    """Train (or resume, or reuse when finished) one tower of the report (`model`: TowerConfig overrides)."""
     base = {
         "out": str(out),
         "preset": sz.preset,
-        "model": {"blocks": 1},
+        "model": {"blocks": 1, **(model or {})},
         "data.task": task,
         "data.scale": 8,
         "data.crop": sz.crop,
@@ -139,6 +185,7 @@ def _train(out: Path, sz: Sizes, task: str, steps: int, seed: int, train_dir: Pa
     trainer = Trainer(load_config(base=base), resume=(out / "checkpoints" / "last.pt").exists(), quiet=True)
     if trainer.step < steps:
         trainer.run()
+    _tick()
     return trainer
 
 
@@ -149,12 +196,27 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def part_mnist(out: Path, sz: Sizes, dirs) -> dict:
     m = mnist.run(out, steps=sz.mnist_steps, quiet=True)
+    _tick()
     return {k: v for k, v in m.items() if isinstance(v, (int, float, list, str))}
+
+
+def _sr_tower(root: Path, sz: Sizes, train_dir: Path) -> tuple[Trainer, dict[int, Path]]:
+    """The efficiency part's SR tower, trained in stages with a snapshot of the weights after each (the
+    training-length factor); one run, so the snapshots lie on one trajectory (no learning-rate schedule)."""
+    snaps = {}
+    for steps in sorted({*sz.length_stages, sz.sr_steps}):
+        tr = _train(root, sz, "sr", steps, 0, train_dir)
+        snap = root / "checkpoints" / f"step_{steps}.pt"
+        if tr.step == steps and not snap.exists():  # a run trained past this stage has no snapshot of it
+            shutil.copy(tr.checkpoint_path, snap)
+        if snap.exists():
+            snaps[steps] = snap
+    return tr, snaps
 
 
 def part_efficiency(out: Path, sz: Sizes, dirs) -> dict:
     train_dir, held, _ = dirs
-    tr = _train(out / "sr8", sz, "sr", sz.sr_steps, 0, train_dir)
+    tr, _ = _sr_tower(out / "sr8", sz, train_dir)
     r = bench_quality.run_efficiency(
         str(tr.checkpoint_path),
         str(held),
@@ -165,7 +227,143 @@ def part_efficiency(out: Path, sz: Sizes, dirs) -> dict:
         distance="alex",
         schedules=[list(sz.schedule)],
     )
+    _tick()
     return {"rows": r["rows"], "figure": "efficiency/efficiency.png"}
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+def _curve(
+    factor: str, setting: str, level1: int, model, x, y, distance, to_rgb, sz: Sizes, top: int = 0
+) -> list[dict]:
+    """The efficiency curve of one setting, compactly: per CHIMLE budget m <= `top` (and the schedule)
+    the ratio in samples and at equal compute, with how well level 1's partial output predicts the
+    final distance. cIMLE draws 8 x L x the largest m codes per image (a ratio up to ~8 is measured)."""
+    budgets = [m for m in sz.factor_budgets if m <= (top or max(sz.factor_budgets))]
+    levels = model.cfg.levels
+    sched = [list(sz.schedule)] if len(sz.schedule) == levels and not top else []
+    n_max = 8 * levels * max(budgets)
+    r = sample_efficiency(model, x, y, distance, sz.factor_seeds, to_rgb, budgets, flat_max=n_max, schedules=sched)
+    diag = level_diagnostics(model, x, y, distance, to_rgb=to_rgb)
+    keys = ("per_level_m", "chimle_compute", "lpips_threshold", "cimle_samples", "ratio_samples", "ratio_compute")
+    return [
+        {"factor": factor, "setting": setting, "level1_px": level1, **{k: row[k] for k in keys}}
+        | {"corr_level1": diag[0]["partial_final_corr"], "final_std_level1": diag[0]["final_std"]}
+        for row in r["rows"]
+    ]
+
+
+def _sr_curve(factor: str, setting: str, model, task, held: Path, crop: int, sz: Sizes) -> list[dict]:
+    """LPIPS-alex (what the towers train with) on held-out crops. Crops larger than the training crop
+    cost (crop / sz.crop)^2 more per sample: half the images and m <= 4 keep them to minutes."""
+    large = crop > sz.crop
+    n = sz.factor_images // 2 if large else sz.factor_images
+    x, y = bench_quality.held_out_crops(task, held, crop, model.cfg.levels, max(1, n // 2))
+    lpips = make_distance("alex")
+    return _curve(factor, setting, crop // 4, model, x[:n], y[:n], lpips, task.rgb, sz, top=4 if large else 0)
+
+
+def _digits_tower(out: Path, steps: int, data: Path | None) -> Path:
+    """A digit tower of `chimle mnist` (TIM Fig. 1's recipe) trained on `data`; reused when finished."""
+    done = out / "metrics.json"
+    if not (done.exists() and json.loads(done.read_text()).get("steps") == steps):
+        mnist.run(out, steps=steps, data=data, quiet=True)
+    _tick()
+    return out
+
+
+def _digits_curve(setting: str, tower_out: Path, data: Path | None, sz: Sizes) -> list[dict]:
+    """Pixel L2 (the distance the digit towers train with) on unseen digits of the `chimle mnist` split."""
+    model, _ = load_with_task(tower_out / "checkpoints" / "last.pt")
+    digits, _ = mnist.load_mnist(data)
+    tr, te = mnist.split(len(digits), test=min(500, len(digits) // 10), seed=0)
+    ev = te[: 4 * sz.factor_images]
+    x = torch.from_numpy(mnist.pca_input(digits[ev], mnist.PCA.fit(digits[tr])))[:, None]
+    y = torch.from_numpy(digits[ev])[:, None].expand(-1, 3, -1, -1)
+    task = make_task("paired", in_channels=1, out_channels=1)
+    return _curve("distance", setting, 7, model, x, y, make_distance("l2"), task.rgb, sz)
+
+
+def _cached(path: Path, curve: Callable[..., list[dict]], *args: Any) -> list[dict]:
+    """One setting's rows, `curve(*args)`, computed once (an interrupted factors part resumes setting by setting)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(curve(*args), default=float))
+    _tick()
+    return json.loads(path.read_text())
+
+
+def fashion_mnist() -> Path:
+    return Path(os.environ.get("CHIMLE_FASHION_MNIST", FASHION_MNIST))
+
+
+def part_factors(out: Path, sz: Sizes, dirs) -> dict:
+    train_dir, held, _ = dirs
+    rows: list[dict] = []
+    notes: list[str] = []
+    rows_dir = out / "rows"
+    tr, snaps = _sr_tower(out.parent / "efficiency" / "sr8", sz, train_dir)
+    # training length: snapshots of one run
+    for steps, snap in snaps.items():
+        model, task_cfg = load_with_task(snap)
+        setting = ("training length", f"{steps} steps", model, make_task(**task_cfg))
+        rows += _cached(rows_dir / f"length_{steps}.json", _sr_curve, *setting, held, sz.crop, sz)
+    # resolution: the same tower on larger held-out crops, and the shipped model (trained 15,000 steps);
+    # the last snapshot at the training crop is each comparison's baseline, repeated in its panel
+    final = [r for r in rows if r["setting"] == f"{sz.sr_steps} steps"]
+    rows += [r | {"factor": "resolution", "setting": f"{sz.sr_steps} steps, {sz.crop} px"} for r in final]
+    for crop in sz.resolution_crops[1:]:
+        setting = ("resolution", f"{sz.sr_steps} steps, {crop} px", tr.model, tr.task)
+        rows += _cached(rows_dir / f"resolution_{crop}.json", _sr_curve, *setting, held, crop, sz)
+    shipped, task_cfg = load_with_task("sr8-small")
+    for crop in (sz.resolution_crops[0], sz.resolution_crops[-1]):
+        setting = ("resolution", f"sr8-small, {crop} px", shipped, make_task(**task_cfg))
+        rows += _cached(rows_dir / f"shipped_{crop}.json", _sr_curve, *setting, held, crop, sz)
+    # the authors' raw tanh between SR levels: the same recipe with feedback "tanh"
+    rows += [r | {"factor": "tanh feedback", "setting": f"{sz.sr_steps} steps, image (chimle)"} for r in final]
+    tanh = _train(out / "sr8_tanh", sz, "sr", sz.sr_steps, 0, train_dir, model={"feedback": "tanh"})
+    setting = ("tanh feedback", f"{sz.sr_steps} steps, tanh", tanh.model, tanh.task)
+    rows += _cached(rows_dir / "tanh.json", _sr_curve, *setting, held, sz.crop, sz)
+    # pixel L2 on digits: the mnist part's tower (trained here if that part has not run), and Fashion-MNIST
+    digits_out = out.parent / "mnist"
+    if not (digits_out / "metrics.json").exists():
+        digits_out = _digits_tower(out / "mnist", sz.mnist_steps, None)
+    rows += _cached(rows_dir / "mnist.json", _digits_curve, "MNIST, pixel L2", digits_out, None, sz)
+    if (fashion := fashion_mnist()).exists():
+        _digits_tower(out / "fashion", sz.mnist_steps, fashion)
+        rows += _cached(
+            rows_dir / "fashion.json", _digits_curve, "Fashion-MNIST, pixel L2", out / "fashion", fashion, sz
+        )
+    else:
+        notes.append(f"Fashion-MNIST not found at {fashion} (apt-get install dataset-fashion-mnist): left out")
+    _plot_factors(rows, out / "factors.png")
+    return {"rows": rows, "notes": notes, "figure": "factors/factors.png"}
+
+
+def _plot_factors(rows: list[dict], path: Path) -> None:
+    """ratio_compute against m for every setting, one panel per factor (uniform budgets only)."""
+    plt = pyplot()
+    factors = list(dict.fromkeys(r["factor"] for r in rows))
+    fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.4), squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        settings = dict.fromkeys(r["setting"] for r in rows if r["factor"] == factor)
+        for setting in settings:
+            pts = [
+                (r["per_level_m"], r["ratio_compute"])
+                for r in rows
+                if r["setting"] == setting
+                and isinstance(r["per_level_m"], int)
+                and isinstance(r["ratio_compute"], float)
+            ]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=setting)
+        ax.axhline(1, color="grey", lw=0.8, ls="--")
+        ax.set(xscale="log", yscale="log", xlabel="CHIMLE candidates per level m", title=factor)
+        ax.set_ylabel("cIMLE / CHIMLE work, equal compute")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
@@ -184,6 +382,7 @@ def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
                 overrides=[f"train.seed={seed}", "model.blocks=1", f"train.pool_size={sz.pool}"],
             )
         )
+        _tick()
     rows = []
     for i, rung in enumerate(r["ablation"] for r in per_seed[0]):
         row = {"ablation": rung}
@@ -224,6 +423,7 @@ def part_table1(out: Path, sz: Sizes, dirs) -> dict:
                     max_images=sz.eval_images,
                     ivo_runs=0,
                 )
+                _tick()
                 per_method.setdefault(name, []).append({**r, "m_flat": m_flat})
         for name, runs in per_method.items():
             row = {"task": task, "method": name, "search": _search_label(name, sz, runs[0]["m_flat"])}
@@ -242,6 +442,7 @@ def _search_label(method: str, sz: Sizes, m_flat: int) -> str:
 PARTS: dict[str, Callable[[Path, Sizes, tuple], dict]] = {
     "mnist": part_mnist,
     "efficiency": part_efficiency,
+    "factors": part_factors,
     "ablation": part_ablation,
     "table1": part_table1,
 }
@@ -263,6 +464,8 @@ def _table(rows: list[dict], keys: list[str]) -> list[str]:
 def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tuple[str, Any]]:
     b: list[tuple[str, Any]] = [("h1", "chimle: the papers' experiments at CPU scale")]
     command = "chimle reproduce --out OUT" + (" --quick" if quick else "")
+    if set(results) != set(PARTS):  # a partial report says which parts it holds
+        command += f" --parts {','.join(results)}"
     b.append(("p", f"Command: `{command}`. Sizes: {json.dumps(asdict(sz))}."))
     if "mnist" in results:
         r = results["mnist"]
@@ -291,6 +494,24 @@ def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tupl
             ),
             ("table", _table(results["efficiency"]["rows"], keys)),
             ("img", "efficiency/efficiency.png"),
+        ]
+    if "factors" in results:
+        r = results["factors"]
+        keys = ["factor", "setting", "level1_px", "per_level_m", "chimle_compute", "lpips_threshold"]
+        keys += ["cimle_samples", "ratio_samples", "ratio_compute", "corr_level1"]
+        b += [
+            ("h2", "What makes the efficiency curve better or worse"),
+            (
+                "p",
+                "Each setting's curve as above (ratio > 1: CHIMLE needs less work than cIMLE for the same "
+                f"distance; {sz.factor_seeds} seeds; SR: LPIPS-alex on {sz.factor_images} held-out crops; digits: "
+                f"pixel L2 on {4 * sz.factor_images} unseen digits). level1_px: the side of level 1's output. "
+                "corr_level1: the correlation of level 1's partial distance with the final distance when only "
+                "level 1's component is redrawn (`level_diagnostics`), the premise of partial evaluation.",
+            ),
+            *[("p", note) for note in r["notes"]],
+            ("table", _table(r["rows"], keys)),
+            ("img", "factors/factors.png"),
         ]
     if "ablation" in results:
         r = results["ablation"]
@@ -356,6 +577,7 @@ def run(
     quick: bool = False,
 ) -> dict:
     """Run the `parts` (reusing finished ones with `resume`) and write the report; returns the results."""
+    global _bar
     out = Path(out)
     dirs = _split(out)
     results: dict[str, dict] = {}
@@ -364,9 +586,10 @@ def run(
         if resume and done.exists():
             results[name] = json.loads(done.read_text())
             continue
-        print(f"reproduce: {name} ...", file=sys.stderr, flush=True)
         t0 = time.time()
-        r = PARTS[name](out / name, sizes, dirs)
+        with tqdm(total=_units(name, sizes), desc=f"reproduce {name}", unit="run", dynamic_ncols=True) as _bar:
+            r = PARTS[name](out / name, sizes, dirs)
+        _bar = None
         r["seconds"] = round(time.time() - t0, 1)
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(r, indent=1, default=float))
@@ -389,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     if not a.quick:
         print(
-            "reproduce: the full report trains 37 towers, which takes hours on a CPU (--quick: minutes)",
+            "reproduce: the full report trains 40 towers, which takes hours on a CPU (--quick: minutes)",
             file=sys.stderr,
         )
     if a.mnist:
