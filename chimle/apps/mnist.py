@@ -65,6 +65,7 @@ __all__ = [
     "split",
     "PCA",
     "pca_input",
+    "prepare",
     "mnist_config",
     "train",
     "predict",
@@ -211,6 +212,14 @@ class PCA:
 def pca_input(digits: np.ndarray, pca: PCA, k: int = 10) -> np.ndarray:
     """The model's input: each digit rebuilt from its first k PCA coordinates, clipped to [0, 1]."""
     return np.clip(pca.reconstruct(pca.coords(digits), k), 0, 1).astype(np.float32)
+
+
+def prepare(digits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, PCA, np.ndarray]:
+    """The illustration's data: train and test indices, the PCA of the training digits, and every
+    digit's PCA input (what `run` trains and evaluates on; unseen digits are digits[test])."""
+    tr, te = split(len(digits), test=min(500, len(digits) // 10), seed=seed)
+    pca = PCA.fit(digits[tr])
+    return tr, te, pca, pca_input(digits, pca)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,9 +413,7 @@ def run(
     t0 = time.time()
     out = Path(out)
     digits, labels = load_mnist(data)
-    tr, te = split(len(digits), test=min(500, len(digits) // 10), seed=seed)
-    pca = PCA.fit(digits[tr])
-    inp = pca_input(digits, pca)
+    tr, te, pca, inp = prepare(digits, seed)
     as_t = lambda a: torch.from_numpy(a[:, None])  # noqa: E731  (N, 28, 28) -> (N, 1, 28, 28)
     cfg = mnist_config(
         out,

@@ -277,9 +277,9 @@ def _digits_curve(setting: str, tower_out: Path, data: Path | None, sz: Sizes) -
     """Pixel L2 (the distance the digit towers train with) on unseen digits of the `chimle mnist` split."""
     model, _ = load_with_task(tower_out / "checkpoints" / "last.pt")
     digits, _ = mnist.load_mnist(data)
-    tr, te = mnist.split(len(digits), test=min(500, len(digits) // 10), seed=0)
+    _, te, _, inputs = mnist.prepare(digits)
     ev = te[: 4 * sz.factor_images]
-    x = torch.from_numpy(mnist.pca_input(digits[ev], mnist.PCA.fit(digits[tr])))[:, None]
+    x = torch.from_numpy(inputs[ev])[:, None]
     y = torch.from_numpy(digits[ev])[:, None].expand(-1, 3, -1, -1)
     task = make_task("paired", in_channels=1, out_channels=1)
     return _curve("distance", setting, 7, model, x, y, make_distance("l2"), task.rgb, sz)
