@@ -295,6 +295,7 @@ def test_cli_bench_ablation(held_out, tmp_path):
     assert [row["ablation"] for row in rows] == list(ABLATIONS)
     for row in rows:
         assert math.isfinite(row["fid"]) and row["fid"] > 0 and math.isfinite(row["final_train_loss"])
+        assert math.isfinite(row["kid"]) and row["kid_subsets_std"] >= 0
         assert 0 < row["lpips_best_of_k"] <= row["lpips_mean"] < 1 and (row["images"], row["samples"]) == (3, 2)
     assert len({row["lpips_mean"] for row in rows}) > 1  # each rung trained its own model
     assert (out / "ablation.md").read_text().count("\n") == len(rows) + 2 and (out / "ablation.png").exists()

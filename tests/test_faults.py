@@ -345,6 +345,27 @@ def _two_ranks(args: list[str]) -> list[subprocess.Popen]:
     return [spawn(args, **env, RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
 
 
+def test_sigterm_saves_then_stops_the_process_with_code_130(photo_dir, tmp_path):
+    """SIGTERM (a scheduler's pre-emption, `kill`) or Ctrl-C: the finished steps are saved, then the
+    process ends with 130 and one line naming the checkpoint, never the success message (a caller such
+    as `chimle reproduce` must not go on to its next tower)."""
+    out = tmp_path / "run"
+    p = spawn(train_args(photo_dir, out, 100000))
+    try:
+        wait_for(lambda: ckpt(out).exists(), [p])
+        p.send_signal(signal.SIGTERM)
+        stdout, err = p.communicate(timeout=50)
+    finally:
+        p.kill()
+        p.communicate()
+    assert p.returncode == 130 and "trained" not in stdout, err
+    lines = [line for line in err.splitlines() if line.startswith("chimle train: interrupted")]
+    assert len(lines) == 1, err
+    step = load_state(ckpt(out))["step"]
+    assert 0 < step < 100000
+    assert f"stopped at step {step} of 100000; the last good checkpoint is '{ckpt(out)}' (step {step})" in lines[0]
+
+
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_a_dead_or_stuck_rank_stops_the_other_with_a_message(photo_dir, tmp_path, capsys, fault):
     """kill -9 of rank 1 (a crash, out of memory): rank 0 sees the closed connection at once. SIGSTOP of

@@ -1,5 +1,6 @@
 """`chimle reproduce` in reduced form: every part runs at tiny sizes and every section of the report
-is written with numbers; a second run with --resume reuses the finished parts."""
+is written with numbers; a second run with --resume reuses the finished parts, one without it the
+finished towers and evaluations."""
 
 from __future__ import annotations
 
@@ -83,7 +84,10 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     assert 2 <= m_flat <= sum(TINY.schedule) + 2
     table1 = md.split("CHIMLE Table 1")[1].split("## ")[0]
     assert len(re.findall(r"\| (sr|colorize|jpeg|night) \| (chimle|cimle) \|", table1)) == 8
-    assert len(results["ablation"]["rows"]) == 4 and all(math.isfinite(r["fid"]) for r in results["ablation"]["rows"])
+    ablation = results["ablation"]["rows"]
+    assert [r["paper_fid_sr"] for r in ablation] == list(reproduce.PAPER_ABLATION_FID_SR)
+    assert all(math.isfinite(r["kid"]) and math.isfinite(r["fid"]) and r["kid_std"] >= 0 for r in ablation)
+    assert "7.7%, 7.8% and 12.8%" in md and results["ablation"]["images"] == 2 * reproduce.ABLATION_CROPS
     assert results["efficiency"]["rows"] and "efficiency.png" in md
     assert (out / "efficiency" / "efficiency.png").stat().st_size > 1000
     assert results["mnist"]["rest_best_of_K"] > 0
@@ -97,3 +101,10 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     assert again == json.loads(json.dumps(results, default=float))
     assert {p: (out / p / "result.json").stat().st_mtime_ns for p in reproduce.PARTS} == before
     assert (out / "report.md").read_text() == md
+    # without --resume the parts run again, but finished towers and Table 1's evaluations are reused
+    monkeypatch.setattr(reproduce.Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
+    monkeypatch.setattr(reproduce, "evaluate", lambda *a, **k: pytest.fail("an evaluation was run again"))
+    rerun = reproduce.run(out, TINY, parts=("ablation", "table1"), quick=True)
+    for part in ("ablation", "table1"):
+        a, b = (json.loads(json.dumps(r[part], default=float)) for r in (rerun, results))
+        assert a.pop("seconds") > 0 and b.pop("seconds") > 0 and a == b, part

@@ -29,6 +29,7 @@ from ..distances.lpips import LPIPS
 from ..evaluation import metrics
 from ..evaluation.efficiency import BUDGETS, level_diagnostics, plot_efficiency, sample_efficiency
 from ..evaluation.evaluate import write_markdown_table
+from ..evaluation.inception import features
 from ..inference.sample import generate
 from ..inference.weights import load_with_task
 from ..rng import Stream, seeded
@@ -126,8 +127,10 @@ def run_ablation(
                 "train.sample_every": 0,
             },
         )
-        trainer = Trainer(cfg)
-        trainer.run()
+        # a rerun reuses finished rungs and resumes an interrupted one (hours at the report's size)
+        trainer = Trainer(cfg, resume=(out_dir / rung / "checkpoints" / "last.pt").exists())
+        if trainer.step < steps:
+            trainer.run()
         x, y = held_out_crops(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
         g = seeded(0, Stream.ABLATION, device=trainer.device)  # on the model's device, as generate draws there
         fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()
@@ -135,10 +138,15 @@ def run_ablation(
             d = torch.stack(
                 [trainer.distance(fake[k].to(trainer.device), y.to(trainer.device)).cpu() for k in range(samples)]
             )  # (K, N)
+        # one Inception pass per set for both; KID is unbiased at these few images, FID is not
+        fr, ff = features(y, device=trainer.device), features(fake.flatten(0, 1), device=trainer.device)
+        kid, kid_subsets_std = metrics.kid(fr, ff, generator=seeded(0, Stream.KID))
         rows.append(
             {
                 "ablation": rung,
-                "fid": metrics.fid(y, fake.flatten(0, 1)),
+                "kid": kid,
+                "kid_subsets_std": kid_subsets_std,
+                "fid": metrics.fid(fr, ff),
                 "lpips_best_of_k": float(d.min(0).values.mean()),
                 "lpips_mean": float(d.mean()),
                 "final_train_loss": trainer.last["loss"],
@@ -157,9 +165,9 @@ def run_ablation(
 def _bar_plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     names = [r["ablation"] for r in rows]
-    for ax, key in zip(axes, ("fid", "lpips_best_of_k")):
+    for ax, key in zip(axes, ("kid", "fid", "lpips_best_of_k")):
         ax.bar(names, [r[key] for r in rows], color="#4c72b0")
         ax.set_title(key)
         ax.tick_params(axis="x", rotation=20)

@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"chimle {a.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the trainer has saved its checkpoint first
+        print(f"chimle {a.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

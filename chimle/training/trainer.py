@@ -422,6 +422,10 @@ class Trainer:
                 self._finish(error, writer)
                 if error is not None and dist.lost_peer(error):  # after the exit save: it names the newest checkpoint
                     raise RankLost(f"{dist.describe_lost(error)}; {self._checkpoint_note()}") from error
+        if stop.requested and self.step < t.steps:
+            # saved; now the caller stops too (a CLI must not report success, `chimle reproduce` must not
+            # start its next tower)
+            raise KeyboardInterrupt(f"stopped at step {self.step} of {t.steps}; {self._checkpoint_note()}")
         return self.last
 
     def _finish(self, error: BaseException | None, writer) -> None:
