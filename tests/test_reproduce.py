@@ -87,7 +87,7 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     ablation = results["ablation"]["rows"]
     assert [r["paper_fid_sr"] for r in ablation] == list(reproduce.PAPER_ABLATION_FID_SR)
     assert all(math.isfinite(r["kid"]) and math.isfinite(r["fid"]) and r["kid_std"] >= 0 for r in ablation)
-    assert "7.7%, 7.8% and 12.8%" in md and results["ablation"]["images"] == 2 * reproduce.ABLATION_CROPS
+    assert "7.7%, 7.8% and 12.8%" in md and results["ablation"]["images"] == 2 * TINY.ablation_crops
     assert results["efficiency"]["rows"] and "efficiency.png" in md
     assert (out / "efficiency" / "efficiency.png").stat().st_size > 1000
     assert results["mnist"]["rest_best_of_K"] > 0

@@ -70,7 +70,6 @@ PAPER_TABLE1_FID = {  # CHIMLE Table 1 (REFERENCE.md): (CHIMLE, cIMLE); "night" 
 }
 
 PAPER_ABLATION_FID_SR = (16.01, 17.06, 18.53, 21.13)  # CHIMLE Fig. 7, SR: full, no IC, no IC/PE, no IC/PE/CD
-ABLATION_CROPS = 16  # held-out crops per photo in the ablation (two photos: 32 inputs)
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,7 @@ class Sizes:
     factor_images: int = 8
     ablation_steps: int = 750
     ablation_seeds: int = 3
+    ablation_crops: int = 16  # held-out crops per photo (two photos: 32 inputs)
     table1_steps: int = 600
     table1_seeds: int = 3
     eval_samples: int = 6
@@ -116,6 +116,7 @@ QUICK = Sizes(
     factor_images=4,
     ablation_steps=100,
     ablation_seeds=2,
+    ablation_crops=8,
     table1_steps=100,
     table1_seeds=2,
     eval_samples=4,
@@ -382,7 +383,7 @@ def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
                 preset=sz.preset,
                 crop=sz.crop,
                 samples=sz.eval_samples,
-                crops_per_image=ABLATION_CROPS,
+                crops_per_image=sz.ablation_crops,
                 overrides=[f"train.seed={seed}", "model.blocks=1", f"train.pool_size={sz.pool}"],
             )
         )
