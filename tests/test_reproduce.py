@@ -92,7 +92,8 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     assert (out / "efficiency" / "efficiency.png").stat().st_size > 1000
     assert results["mnist"]["rest_best_of_K"] > 0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,iVBOR") == 4 and "<table>" in html  # figures inline
+    assert html.count("data:image/png;base64,iVBOR") == 5 and "<table>" in html  # figures inline
+    assert (out / "ablation" / "ablation.png").stat().st_size > 1000
     for part in reproduce.PARTS:
         assert json.loads((out / part / "result.json").read_text())["seconds"] > 0
     # --resume: nothing is trained again, the report is the same
