@@ -35,7 +35,7 @@ from ..inference.weights import load_with_task
 from ..rng import Stream, seeded
 from ..search import ABLATIONS
 from ..training.config import load_config
-from ..training.trainer import Trainer
+from ..training.trainer import train_or_reuse
 
 __all__ = ["main", "held_out_crops", "run_ablation", "run_efficiency"]
 
@@ -127,10 +127,7 @@ def run_ablation(
                 "train.sample_every": 0,
             },
         )
-        # a rerun reuses finished rungs and resumes an interrupted one (hours at the report's size)
-        trainer = Trainer(cfg, resume=(out_dir / rung / "checkpoints" / "last.pt").exists())
-        if trainer.step < steps:
-            trainer.run()
+        trainer = train_or_reuse(cfg)  # a rerun reuses finished rungs, resumes an interrupted one
         x, y = held_out_crops(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
         g = seeded(0, Stream.ABLATION, device=trainer.device)  # on the model's device, as generate draws there
         fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()

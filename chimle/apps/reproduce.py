@@ -55,7 +55,7 @@ from ..evaluation.evaluate import evaluate
 from ..inference.weights import load_with_task
 from ..search import level_costs, search_cost
 from ..training.config import load_config
-from ..training.trainer import Trainer
+from ..training.trainer import Trainer, train_or_reuse
 from . import bench_quality, mnist
 
 __all__ = ["main", "run", "Sizes", "QUICK", "FULL"]
@@ -186,9 +186,7 @@ def _train(
         "train.checkpoint_every": 500,
         **{f"search.{k}": v for k, v in search.items()},
     }
-    trainer = Trainer(load_config(base=base), resume=(out / "checkpoints" / "last.pt").exists(), quiet=True)
-    if trainer.step < steps:
-        trainer.run()
+    trainer = train_or_reuse(load_config(base=base), quiet=True)
     _tick()
     return trainer
 

@@ -60,7 +60,15 @@ try:
 except ImportError:  # not POSIX (Windows): runs are not locked
     fcntl = None
 
-__all__ = ["Trainer", "train", "TrainingDiverged", "CheckpointWriteError", "RunFolderBusy", "RankLost"]
+__all__ = [
+    "Trainer",
+    "train",
+    "train_or_reuse",
+    "TrainingDiverged",
+    "CheckpointWriteError",
+    "RunFolderBusy",
+    "RankLost",
+]
 
 MAX_SKIPS = 10  # train.on_nonfinite=skip: this many non-finite steps in a row stop the run (it is not a blip)
 MAX_ROLLBACKS = 4  # train.on_nonfinite=rollback: rollbacks to one checkpoint (lr / 16) before giving up
@@ -892,4 +900,14 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Trainer:
     """Train a run to completion; returns the trainer (model, last losses, output folder)."""
     trainer = Trainer(cfg, resume=resume, quiet=quiet)
     trainer.run()
+    return trainer
+
+
+def train_or_reuse(cfg: Config, quiet: bool = False) -> Trainer:
+    """The run in cfg's folder: resumed from its checkpoint if it has one (and left untouched when already
+    finished, so nothing evaluated from it goes stale), else trained from the start. For commands that
+    train many runs (reports, ablations) and are rerun after an interruption."""
+    trainer = Trainer(cfg, resume=(cfg.out_dir / "checkpoints" / "last.pt").exists(), quiet=quiet)
+    if trainer.step < cfg.train.steps:
+        trainer.run()
     return trainer
