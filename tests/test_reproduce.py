@@ -84,6 +84,17 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     assert 2 <= m_flat <= sum(TINY.schedule) + 2
     table1 = md.split("CHIMLE Table 1")[1].split("## ")[0]
     assert len(re.findall(r"\| (sr|colorize|jpeg|night) \| (chimle|cimle) \|", table1)) == 8
+    # CHIMLE minus cIMLE per task, in standard errors over the seeds, and the verdict that follows from it
+    by = {(r["task"], r["method"]): r for r in rows}
+    for c in results["table1"]["comparison"]:
+        a, b = by[c["task"], "chimle"], by[c["task"], "cimle"]
+        assert c["kid_diff"] == pytest.approx(a["kid"] - b["kid"])
+        se = math.sqrt((a["kid_std"] ** 2 + b["kid_std"] ** 2) / TINY.table1_seeds)
+        assert c["kid_z"] == pytest.approx(c["kid_diff"] / se)
+        assert (c["kid_verdict"] == "within noise") == (abs(c["kid_z"]) <= 2)
+    assert [c["task"] for c in results["table1"]["comparison"]] == list(reproduce.TASKS)
+    assert len(re.findall(r"\| (sr|colorize|jpeg|night) \| -?\d", table1)) == 4  # the comparison's rows
+    assert (out / "table1" / "table1.png").stat().st_size > 1000 and "table1/table1.png" in table1
     ablation = results["ablation"]["rows"]
     assert [r["paper_fid_sr"] for r in ablation] == list(reproduce.PAPER_ABLATION_FID_SR)
     assert all(math.isfinite(r["kid"]) and math.isfinite(r["fid"]) and r["kid_std"] >= 0 for r in ablation)
@@ -92,7 +103,7 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     assert (out / "efficiency" / "efficiency.png").stat().st_size > 1000
     assert results["mnist"]["rest_best_of_K"] > 0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,iVBOR") == 5 and "<table>" in html  # figures inline
+    assert html.count("data:image/png;base64,iVBOR") == 6 and "<table>" in html  # figures inline
     assert (out / "ablation" / "ablation.png").stat().st_size > 1000
     for part in reproduce.PARTS:
         assert json.loads((out / part / "result.json").read_text())["seconds"] > 0
