@@ -467,8 +467,8 @@ def part_table1(out: Path, sz: Sizes, dirs) -> dict:
 
 def _compare(rows: list[dict], task: str, n: int) -> dict:
     """CHIMLE minus cIMLE on one task, for KID and LPIPS to the target: the difference of the means over
-    `n` seeds in standard errors (sqrt(s_a^2 / n + s_b^2 / n)); beyond 2 of them we call it a difference,
-    within them noise (with 3 seeds a side this is a coarse test, and says so by the z it prints)."""
+    `n` seeds in standard errors (sqrt(s_a^2 / n + s_b^2 / n)). Beyond 2 of them we call it a difference,
+    within them noise: with 3 seeds a side a coarse test, hence z itself in the report."""
     a, b = (next(r for r in rows if r["task"] == task and r["method"] == m) for m in ("chimle", "cimle"))
     out: dict[str, Any] = {"task": task}
     for key, short in (("kid", "kid"), ("lpips_to_target_best_of_k", "lpips")):
@@ -620,7 +620,7 @@ def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tupl
         keys = ["task", "method", "search", "kid", "kid_std", "kid_subset_std", "lpips_to_target_best_of_k"]
         keys += ["lpips_to_target_best_of_k_std", "fwv_0.2", "lpips_diversity", "fid", "paper_fid"]
         b += [
-            ("h2", "CHIMLE Table 1 at CPU scale, equal search compute"),
+            ("h2", "CHIMLE Table 1 at CPU scale, equal compute"),
             (
                 "p",
                 f"Both methods train the same tower for the same {r.get('steps', sz.table1_steps)} steps on the same "
