@@ -13,7 +13,7 @@ from chimle.inference.sample import generate
 from chimle.loss import level_losses
 from chimle.rng import seeded
 from chimle.training.config import ConfigError, dump_config, load_config
-from chimle.training.trainer import Trainer
+from chimle.training.trainer import ConfigChanged, Trainer, train_or_reuse
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
@@ -203,6 +203,22 @@ def test_resume_refuses_a_changed_trajectory(photo_dir, tmp_path):
     assert "train.steps:" not in msg  # 2 -> 12 is allowed, so not listed
     longer = Trainer(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 4}), resume=True, quiet=True)  # extending is fine
     assert longer.step == 2
+
+
+def test_train_or_reuse_leaves_finished_runs_and_names_the_folder(photo_dir, tmp_path):
+    """What reports and ablations train with: a finished run is left untouched, a longer one continues it,
+    and one with other settings is refused naming the folder (their caller never said --resume)."""
+    train_or_reuse(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 2}), quiet=True)
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    written = ckpt.stat().st_mtime_ns
+    assert train_or_reuse(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 2}), quiet=True).step == 2
+    assert ckpt.stat().st_mtime_ns == written
+    with pytest.raises(ConfigChanged) as e:
+        train_or_reuse(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 2, "train.seed": 1}), quiet=True)
+    msg = str(e.value)
+    assert msg.startswith(f"'{tmp_path}' holds a run trained with other settings (train.seed: 0 -> 1)")
+    assert "--resume" not in msg and "\n" not in msg and e.value.changes == ["train.seed: 0 -> 1"]
+    assert train_or_reuse(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 3}), quiet=True).step == 3
 
 
 def test_generate_leaves_the_model_mode_as_it_found_it():

@@ -68,6 +68,7 @@ __all__ = [
     "CheckpointWriteError",
     "RunFolderBusy",
     "RankLost",
+    "ConfigChanged",
 ]
 
 MAX_SKIPS = 10  # train.on_nonfinite=skip: this many non-finite steps in a row stop the run (it is not a blip)
@@ -89,6 +90,14 @@ class RunFolderBusy(OSError):
 
 class RankLost(ConnectionError):
     """Another rank of a distributed run died, hung or became unreachable."""
+
+
+class ConfigChanged(ValueError):
+    """A run is resumed with settings that change its trajectory (`changes`: "key: old -> new")."""
+
+    def __init__(self, message: str, changes: list[str]):
+        super().__init__(message)
+        self.changes = changes
 
 
 class CheckpointFormatError(CheckpointError):
@@ -675,9 +684,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint '{path}' holds non-finite values ({bad[0]}): a diverged state")
         changes = trajectory_changes(s["config"], dump_config(self.cfg))
         if changes:
-            raise ValueError(
+            raise ConfigChanged(
                 f"--resume: '{path}' was trained with another config ({'; '.join(changes)});"
-                f" only train.steps and output settings may change on resume"
+                f" only train.steps and output settings may change on resume",
+                changes,
             )
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
@@ -907,7 +917,14 @@ def train_or_reuse(cfg: Config, quiet: bool = False) -> Trainer:
     """The run in cfg's folder: resumed from its checkpoint if it has one (and left untouched when already
     finished, so nothing evaluated from it goes stale), else trained from the start. For commands that
     train many runs (reports, ablations) and are rerun after an interruption."""
-    trainer = Trainer(cfg, resume=(cfg.out_dir / "checkpoints" / "last.pt").exists(), quiet=quiet)
+    try:
+        trainer = Trainer(cfg, resume=(cfg.out_dir / "checkpoints" / "last.pt").exists(), quiet=quiet)
+    except ConfigChanged as e:  # the caller never said --resume: name the folder, not the flag
+        raise ConfigChanged(
+            f"'{cfg.out_dir}' holds a run trained with other settings ({'; '.join(e.changes)}): "
+            "rerun with the settings it was trained with, or give another output folder",
+            e.changes,
+        ) from None
     if trainer.step < cfg.train.steps:
         trainer.run()
     return trainer
