@@ -454,10 +454,11 @@ def part_table1(out: Path, sz: Sizes, dirs) -> dict:
             row["kid_subset_std"] = runs[0]["kid_std"]
             row["paper_fid"] = PAPER_TABLE1_FID[task][0 if name == "chimle" else 1]
             rows.append(row)
-    plot_table1(rows, out / "table1.png")
+    by = {(r["task"], r["method"]): r for r in rows}
+    plot_table1(by, out / "table1.png")
     return {
         "rows": rows,
-        "comparison": [_compare(rows, task, sz.table1_seeds) for task in TASKS],
+        "comparison": [_compare(task, by[task, "chimle"], by[task, "cimle"], sz.table1_seeds) for task in TASKS],
         "seeds": sz.table1_seeds,
         "steps": sz.table1_steps,
         "images": rows and per_method["chimle"][0]["images"],
@@ -465,11 +466,10 @@ def part_table1(out: Path, sz: Sizes, dirs) -> dict:
     }
 
 
-def _compare(rows: list[dict], task: str, n: int) -> dict:
-    """CHIMLE minus cIMLE on one task, for KID and LPIPS to the target: the difference of the means over
+def _compare(task: str, a: dict, b: dict, n: int) -> dict:
+    """CHIMLE (row `a`) minus cIMLE (`b`) on one task, for KID and LPIPS to the target: the difference of the means over
     `n` seeds in standard errors (sqrt(s_a^2 / n + s_b^2 / n)). Beyond 2 of them we call it a difference,
     within them noise: with 3 seeds a side a coarse test, hence z itself in the report."""
-    a, b = (next(r for r in rows if r["task"] == task and r["method"] == m) for m in ("chimle", "cimle"))
     out: dict[str, Any] = {"task": task}
     for key, short in (("kid", "kid"), ("lpips_to_target_best_of_k", "lpips")):
         diff = a[key] - b[key]
@@ -480,12 +480,13 @@ def _compare(rows: list[dict], task: str, n: int) -> dict:
     return out
 
 
-def plot_table1(rows: list[dict], path: Path) -> None:
-    """KID and LPIPS to the target per task, CHIMLE beside cIMLE with the spread over seeds, and the paper's FID."""
+def plot_table1(by: dict[tuple[str, str], dict], path: Path) -> None:
+    """KID and LPIPS to the target per task, CHIMLE beside cIMLE with the spread over seeds, and the paper's FID
+    (`by`: Table 1's rows by (task, method))."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for k, (method, color) in enumerate((("chimle", "#4c72b0"), ("cimle", "#dd8452"))):
-        mine = [next(r for r in rows if r["task"] == t and r["method"] == method) for t in TASKS]
+        mine = [by[t, method] for t in TASKS]
         xs = [i + (k - 0.5) * 0.38 for i in range(len(TASKS))]
         for ax, key in ((axes[0], "kid"), (axes[1], "lpips_to_target_best_of_k")):
             ys, err = [r[key] for r in mine], [r[f"{key}_std"] for r in mine]
