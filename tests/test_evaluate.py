@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from chimle import latent, search
+from chimle.apps import bench_quality
 from chimle.apps.cli import main
 from chimle.data import ImageDataset, make_task
 from chimle.data.imageio import list_images, load_image
@@ -23,6 +25,7 @@ from chimle.inference.weights import load_with_task
 from chimle.resample import resize as downsample
 from chimle.rng import Stream, seeded
 from chimle.search import ABLATIONS
+from chimle.training.trainer import Trainer
 
 TINY = ["--preset", "tiny", "--task", "sr", "--scale", "4", "--crop", "16"]
 TINY_SET = [
@@ -259,10 +262,11 @@ def test_cli_bench_efficiency(ckpt, held_out, tmp_path):
     assert (out / "levels.md").read_text().startswith("| level | final_std | partial_final_corr |")
 
 
-def test_cli_bench_ablation(held_out, tmp_path):
+def test_cli_bench_ablation(held_out, tmp_path, monkeypatch):
     out = tmp_path / "abl"  # trains on the held-out photos too: this checks the plumbing, not generalisation
-    assert (
-        main(
+
+    def bench(samples: int) -> int:
+        return main(
             [
                 "bench",
                 "ablation",
@@ -283,14 +287,14 @@ def test_cli_bench_ablation(held_out, tmp_path):
                 "--crop",
                 "16",
                 "--samples",
-                "2",
+                str(samples),
                 "--crops-per-image",
                 "1",
                 *TINY_SET,
             ]
         )
-        == 0
-    )
+
+    assert bench(2) == 0
     rows = json.loads((out / "ablation.json").read_text())
     assert [row["ablation"] for row in rows] == list(ABLATIONS)
     for row in rows:
@@ -301,3 +305,22 @@ def test_cli_bench_ablation(held_out, tmp_path):
     assert (out / "ablation.md").read_text().count("\n") == len(rows) + 2 and (out / "ablation.png").exists()
     for rung in ABLATIONS:
         assert (out / rung / "checkpoints" / "last.pt").exists()
+    # a rerun reuses every rung's weights and metrics
+    monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
+    monkeypatch.setattr(bench_quality, "generate", lambda *a, **k: pytest.fail("a rung was sampled again"))
+    assert bench(2) == 0 and json.loads((out / "ablation.json").read_text()) == rows
+
+
+def test_fresh_metrics_only_for_these_weights_and_counts(tmp_path):
+    ckpt, saved = tmp_path / "last.pt", tmp_path / "metrics.json"
+    ckpt.write_bytes(b"weights")
+    saved.write_text(json.dumps({"samples": 6, "images": 48, "kid": 0.1}))
+    os.utime(ckpt, ns=(10**18, 10**18))
+    os.utime(saved, ns=(10**18 + 10**6, 10**18 + 10**6))  # written 1 ms after the weights
+    assert bench_quality.fresh_metrics(saved, ckpt, samples=6, images=48)["kid"] == 0.1
+    assert bench_quality.fresh_metrics(saved, ckpt, samples=6, images=None)["kid"] == 0.1  # None: any
+    assert bench_quality.fresh_metrics(saved, ckpt, samples=4, images=48) is None
+    assert bench_quality.fresh_metrics(saved, ckpt, samples=6, other="x") is None  # a count it never saved
+    os.utime(ckpt, ns=(10**18 + 10**9, 10**18 + 10**9))  # the weights trained on after the metrics
+    assert bench_quality.fresh_metrics(saved, ckpt, samples=6) is None
+    assert bench_quality.fresh_metrics(tmp_path / "none.json", ckpt) is None

@@ -23,6 +23,8 @@ TINY = replace(
     reproduce.QUICK,
     crop=16,
     mnist_steps=10,
+    mnist_pool=16,
+    mnist_eval_inputs=10,
     sr_steps=6,
     schedule=(3, 2, 2),
     efficiency_seeds=2,
@@ -116,6 +118,7 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     # without --resume the parts run again, but finished towers and Table 1's evaluations are reused
     monkeypatch.setattr(reproduce.Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
     monkeypatch.setattr(reproduce, "evaluate", lambda *a, **k: pytest.fail("an evaluation was run again"))
+    monkeypatch.setattr(reproduce.bench_quality, "generate", lambda *a, **k: pytest.fail("a rung was sampled again"))
     rerun = reproduce.run(out, TINY, parts=("ablation", "table1"), quick=True)
     for part in ("ablation", "table1"):
         a, b = (json.loads(json.dumps(r[part], default=float)) for r in (rerun, results))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import ImageDataset
-from ..data.imageio import pyplot, save_figure
+from ..data.imageio import atomic_write, pyplot, save_figure
 from ..data.tasks import make_task
 from ..distances.lpips import LPIPS
 from ..evaluation import metrics
@@ -37,7 +37,17 @@ from ..search import ABLATIONS
 from ..training.config import load_config
 from ..training.trainer import train_or_reuse
 
-__all__ = ["main", "held_out_crops", "run_ablation", "run_efficiency"]
+__all__ = ["main", "fresh_metrics", "held_out_crops", "run_ablation", "run_efficiency"]
+
+
+def fresh_metrics(path: Path, checkpoint: Path, **counts) -> dict | None:
+    """The metrics saved at `path` if they were written after `checkpoint` (so on those weights) with the
+    same `counts` (a count given as None matches any); None otherwise. Minutes of sampling and Inception
+    per model on a CPU are not spent again when a report or an ablation is rerun."""
+    if not (path.exists() and checkpoint.exists() and path.stat().st_mtime > checkpoint.stat().st_mtime):
+        return None
+    saved = json.loads(path.read_text())
+    return saved if all(v is None or saved.get(k) == v for k, v in counts.items()) else None
 
 
 def held_out_crops(task, folder: str | Path, crop: int, levels: int, crops_per_image: int, seed: int = 7):
@@ -110,6 +120,7 @@ def run_ablation(
 ) -> list[dict]:
     out_dir = Path(out)
     rows = []
+    held: dict[str, torch.Tensor] = {}  # the held-out crops and their Inception features: the same for every rung
     for rung in ABLATIONS:
         cfg = load_config(
             overrides=overrides or [],
@@ -128,7 +139,17 @@ def run_ablation(
             },
         )
         trainer = train_or_reuse(cfg)  # a rerun reuses finished rungs, resumes an interrupted one
-        x, y = held_out_crops(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
+        # ... and their metrics, when measured on these weights with the same held-out set and counts
+        saved = trainer.out / "eval" / "ablation.json"
+        counts = {"held_out": str(Path(held_out).resolve()), "crop": crop, "crops_per_image": crops_per_image}
+        counts["samples"] = samples
+        if (cached := fresh_metrics(saved, trainer.checkpoint_path, **counts)) is not None:
+            rows.append(cached["row"])
+            continue
+        if not held:
+            x, y = held_out_crops(trainer.task, held_out, crop, trainer.model_cfg.levels, crops_per_image)
+            held |= {"x": x, "y": y, "features": features(y, device=trainer.device)}
+        x, y = held["x"], held["y"]
         g = seeded(0, Stream.ABLATION, device=trainer.device)  # on the model's device, as generate draws there
         fake = generate(trainer.model, x.to(trainer.device), samples, g, task=trainer.task).cpu()
         with torch.no_grad():
@@ -136,7 +157,7 @@ def run_ablation(
                 [trainer.distance(fake[k].to(trainer.device), y.to(trainer.device)).cpu() for k in range(samples)]
             )  # (K, N)
         # one Inception pass per set for both; KID is unbiased at these few images, FID is not
-        fr, ff = features(y, device=trainer.device), features(fake.flatten(0, 1), device=trainer.device)
+        fr, ff = held["features"], features(fake.flatten(0, 1), device=trainer.device)
         kid, kid_subsets_std = metrics.kid(fr, ff, generator=seeded(0, Stream.KID))
         rows.append(
             {
@@ -151,6 +172,8 @@ def run_ablation(
                 "samples": samples,
             }
         )
+        record = json.dumps({**counts, "row": rows[-1]}, indent=2).encode()
+        atomic_write(saved, lambda f, record=record: f.write(record))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
     write_markdown_table(rows, out_dir / "ablation.md")

@@ -79,6 +79,8 @@ class Sizes:
     preset: str = "small"
     crop: int = 64
     mnist_steps: int = 2000
+    mnist_pool: int = 200  # digits whose codes are searched each round (`chimle mnist`'s default)
+    mnist_eval_inputs: int = 100  # unseen digits scored, 20 predictions each
     sr_steps: int = 3000  # the SR tower of the efficiency curve
     schedule: tuple[int, ...] = (16, 8, 4)  # CHIMLE's m_l in training (the demo's)
     efficiency_seeds: int = 3
@@ -197,7 +199,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def part_mnist(out: Path, sz: Sizes, dirs) -> dict:
-    m = mnist.run(out, steps=sz.mnist_steps, quiet=True)
+    m = mnist.run(out, steps=sz.mnist_steps, pool=sz.mnist_pool, eval_inputs=sz.mnist_eval_inputs, quiet=True)
     _tick()
     return {k: v for k, v in m.items() if isinstance(v, (int, float, list, str))}
 
@@ -266,11 +268,13 @@ def _sr_curve(factor: str, setting: str, model, task, held: Path, crop: int, sz:
     return _curve(factor, setting, crop // 4, model, x[:n], y[:n], lpips, task.rgb, sz, top=4 if large else 0)
 
 
-def _digits_tower(out: Path, steps: int, data: Path | None) -> Path:
+def _digits_tower(out: Path, sz: Sizes, data: Path | None) -> Path:
     """A digit tower of `chimle mnist` (TIM Fig. 1's recipe) trained on `data`; reused when finished."""
     done = out / "metrics.json"
-    if not (done.exists() and json.loads(done.read_text()).get("steps") == steps):
-        mnist.run(out, steps=steps, data=data, quiet=True)
+    if not (done.exists() and json.loads(done.read_text()).get("steps") == sz.mnist_steps):
+        mnist.run(
+            out, steps=sz.mnist_steps, data=data, pool=sz.mnist_pool, eval_inputs=sz.mnist_eval_inputs, quiet=True
+        )
     _tick()
     return out
 
@@ -330,10 +334,10 @@ def part_factors(out: Path, sz: Sizes, dirs) -> dict:
     # pixel L2 on digits: the mnist part's tower (trained here if that part has not run), and Fashion-MNIST
     digits_out = out.parent / "mnist"
     if not (digits_out / "metrics.json").exists():
-        digits_out = _digits_tower(out / "mnist", sz.mnist_steps, None)
+        digits_out = _digits_tower(out / "mnist", sz, None)
     rows += _cached(rows_dir / "mnist.json", _digits_curve, "MNIST, pixel L2", digits_out, None, sz)
     if (fashion := fashion_mnist()).exists():
-        _digits_tower(out / "fashion", sz.mnist_steps, fashion)
+        _digits_tower(out / "fashion", sz, fashion)
         rows += _cached(
             rows_dir / "fashion.json", _digits_curve, "Fashion-MNIST, pixel L2", out / "fashion", fashion, sz
         )
@@ -505,11 +509,11 @@ def plot_table1(by: dict[tuple[str, str], dict], path: Path) -> None:
 def _evaluate(tr: Trainer, tiles: Path, sz: Sizes) -> dict:
     """evaluate() on the held-out tiles, reused when its metrics.json is newer than the tower's last
     checkpoint and has the same counts (minutes per tower on a CPU: Inception sees every sample)."""
-    path, ckpt = tr.out / "eval" / "metrics.json", tr.out / "checkpoints" / "last.pt"
-    if path.exists() and ckpt.exists() and path.stat().st_mtime > ckpt.stat().st_mtime:
-        r = json.loads(path.read_text())
-        if r["samples_per_input"] == sz.eval_samples and sz.eval_images in (None, r["images"]):
-            return r
+    saved = bench_quality.fresh_metrics(
+        tr.out / "eval" / "metrics.json", tr.checkpoint_path, samples_per_input=sz.eval_samples, images=sz.eval_images
+    )
+    if saved is not None:
+        return saved
     return evaluate(
         tr.model,
         tr.task,
