@@ -91,16 +91,16 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(weights):
+def server(weights, tmp_path_factory):
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         _need("the app extra is not installed (pip install -e '.[app]')")
     cmd = [sys.executable, "-m", "chimle", "explore", str(weights), "--port", "0", "--threads", "1"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    tmp = tmp_path_factory.mktemp("server_tmp")  # the server's temp folder: its upload folder goes there
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
 
     def read() -> None:  # keep draining the pipe so the server never blocks on a full one
@@ -115,12 +115,15 @@ def server(weights):
     if url is None:
         proc.kill()
         pytest.fail("the server did not start: " + "".join(lines)[-2000:])
+    assert len(list(tmp.glob("chimle-explore-*"))) == 1
     yield url
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+    # SIGTERM (a service manager's stop) ends the server with 143 and its upload folder removed
+    assert proc.returncode == 143 and not list(tmp.glob("chimle-explore-*")), proc.returncode
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ import io
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -130,6 +131,11 @@ class Explorer:
         self.job = threading.Lock()  # one model job at a time
         self._lpips = None
         self._counter = 0
+
+    def close(self) -> None:
+        """Remove the upload folder this explorer made (a given `workdir` stays)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     # -- helpers --------------------------------------------------------------------------------
     def _id(self, prefix: str) -> str:
@@ -685,10 +691,16 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{a.host}]" if ":" in a.host else a.host
     print(f"chimle explore: {name} on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again, which with the default
+    # handler would end the process before anything cleans up (the upload folder stayed in the temp
+    # folder): exit through Python instead, with the usual status of a SIGTERM (128 + 15).
+    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    finally:
+        explorer.close()
     return 0
 
 
