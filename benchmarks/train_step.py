@@ -18,13 +18,16 @@ Before/after against another checkout (e.g. HEAD), without touching the working 
     git worktree add /tmp/head HEAD && PYTHONPATH=/tmp/head python benchmarks/train_step.py
 
 Times are the fastest of --reps repetitions, as process CPU time (what the step costs; with one
-thread it is the least disturbed by other jobs on a shared machine) and as wall time.
+thread it is the least disturbed by other jobs on a shared machine) and as wall time. Like the `chimle`
+commands, the benchmark keeps freed host memory for reuse (`chimle.memory.keep_freed_host_memory`);
+`--system-malloc` leaves glibc's default, and the page faults and kernel time of a step show the difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -36,6 +39,7 @@ from torch.nn.utils import parametrize
 
 import chimle
 from chimle.loss import level_losses
+from chimle.memory import keep_freed_host_memory
 from chimle.resample import resize
 from chimle.training.config import load_config
 from chimle.training.trainer import Trainer
@@ -66,8 +70,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pool", type=int, default=8, help="pool entries (the step draws its batch from them)")
     p.add_argument("--reps", type=int, default=9, help="timed repetitions of each (the fastest is kept)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--system-malloc", action="store_true", help="glibc's default: freed memory goes back at once")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    kept = False if a.system_malloc else keep_freed_host_memory()
     torch.set_num_threads(a.threads)
     tmp = tempfile.TemporaryDirectory()
     cfg = load_config(
@@ -115,6 +121,11 @@ def main(argv: list[str]) -> int:
     warm = time.process_time() - t0
     steps = {"step": trainer_step, **({"plain step": plain_step} if cached else {})}
     times = best(steps, max(1, a.reps // 3), block=3)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(3):
+        trainer_step()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    faults, kernel_ms = (r1.ru_minflt - r0.ru_minflt) / 3, (r1.ru_stime - r0.ru_stime) / 3 * 1e3
 
     # -- the parts, on one batch ------------------------------------------------------------------
     model.train()
@@ -172,7 +183,8 @@ def main(argv: list[str]) -> int:
     print(
         f"# chimle {Path(chimle.__file__).parent}; {a.preset} preset, batch {a.batch}, "
         f"{a.crop // a.scale} -> {a.crop} px, LPIPS-{a.distance}, {a.threads} thread(s), torch {torch.__version__}; "
-        f"targets cached per round: {'yes' if cached else 'no'}; best of {a.reps}"
+        f"targets cached per round: {'yes' if cached else 'no'}; freed memory kept: {'yes' if kept else 'no'}; "
+        f"best of {a.reps}"
     )
     print(f"{'':34s} {'CPU ms':>9s} {'wall ms':>9s}")
     for k, c, w in rows:
@@ -183,6 +195,7 @@ def main(argv: list[str]) -> int:
     if cached:
         cpu, wall = (times["plain step"][i] / times["step"][i] for i in (0, 1))
         print(f"speed-up over the plain step, same run: x{cpu:.2f} (CPU), x{wall:.2f} (wall)")
+    print(f"page faults per step: {faults:.0f} ({kernel_ms:.1f} ms kernel time)")
     print(f"warm-up: {warm:.1f} s CPU for the first steps (incl. the targets' features of the {a.pool} pool entries)")
     if a.json:
         result = {
@@ -190,6 +203,9 @@ def main(argv: list[str]) -> int:
             "chimle": str(Path(chimle.__file__).parent),
             "torch": torch.__version__,
             "targets_cached": cached,
+            "freed_memory_kept": kept,
+            "page_faults_per_step": faults,
+            "kernel_ms_per_step": kernel_ms,
             "cpu_ms": {k: c * 1e3 for k, c, _ in rows},
             "wall_ms": {k: w * 1e3 for k, _, w in rows},
         }

@@ -2,15 +2,41 @@
 
 The search runs candidates in chunks and tiled inference picks its tile side from the same estimate
 of a tower's activation memory, so one budget (`search.memory_budget`, `--memory-budget`) governs both.
+`keep_freed_host_memory` is the CPU's counterpart of CUDA's caching allocator, for the commands.
 """
 
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 
 from .model import TowerModel
 
-__all__ = ["parse_bytes", "default_budget", "bytes_per_row", "chunk_rows"]
+__all__ = ["parse_bytes", "default_budget", "bytes_per_row", "chunk_rows", "keep_freed_host_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_host_memory() -> bool:
+    """Have glibc keep freed host memory for reuse instead of handing it back to the kernel at once.
+
+    A step on the CPU frees and re-allocates the same megabyte-sized activations every time. glibc
+    returns blocks above its mmap threshold, and the heap's free top beyond its trim threshold, to the
+    kernel on free, so the next step page-faults them in again: 10,000-16,000 faults and 23-39 ms of kernel
+    time per training step of the small preset (`benchmarks/train_step.py`). Raising both thresholds
+    (mmap to glibc's maximum, 32 MiB) keeps such blocks in the process, as CUDA's caching allocator
+    does on a GPU; the resident size then stays near its peak until the process exits. Process-wide,
+    so the commands call it (`chimle.apps.cli.main`), not the library. False where it does not apply
+    (not Linux with glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def parse_bytes(budget: int | str) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 from ..data.tasks import TASKS, make_task
 from ..inference.files import sample_paths
 from ..inference.weights import available_models, export, load_with_task, model_card, shipped_dir, weights_dir
+from ..memory import keep_freed_host_memory
 from ..model import PRESETS, TowerConfig, TowerModel
 from ..search import ABLATIONS
 from ..training.config import METHODS, load_config
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_host_memory()  # CPU steps stop page-faulting their activations in again (see its docstring)
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
     if rest and a.command not in ("bench", "mnist", "explore", "reproduce"):
