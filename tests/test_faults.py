@@ -366,6 +366,37 @@ def test_sigterm_saves_then_stops_the_process_with_code_130(photo_dir, tmp_path)
     assert f"stopped at step {step} of 100000; the last good checkpoint is '{ckpt(out)}' (step {step})" in lines[0]
 
 
+def test_sigterm_during_a_search_stops_between_chunks_and_resumes_the_same(photo_dir, tmp_path, monkeypatch, capsys):
+    """A round's search can outlast a scheduler's grace period: a SIGTERM during it stops the search
+    before the next chunk, saves the finished steps, and a resumed run searches the round again and
+    ends where an uninterrupted one does."""
+
+    def args(out: Path) -> list[str]:  # 2 rounds of 3 steps; the pool of 6 searched in 3 chunks of 2
+        return train_args(photo_dir, out, 6, "--set", "train.steps_per_round=3", "--set", "search.batch=2")
+
+    assert cli(args(tmp_path / "straight"), capsys)[0] == 0
+    searched, search = [], Trainer._search
+
+    def search_then_sigterm(self, x, y, chunk):
+        searched.append((self.round, chunk))
+        if self.round == 1:  # the second round's first chunk of three: the signal arrives while it runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return search(self, x, y, chunk)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_search", search_then_sigterm)
+        rc, err = cli(args(out), capsys)
+    assert rc == 130 and searched == [(0, 0), (0, 1), (0, 2), (1, 0)], (searched, err)
+    assert f"stopped at step 3 of 6; the last good checkpoint is '{ckpt(out)}' (step 3)" in err
+    state = load_state(ckpt(out))
+    assert (state["step"], state["round"], state["pool"]) == (3, 1, None)
+    assert cli([*args(out), "--resume"], capsys)[0] == 0
+    straight = load_state(ckpt(tmp_path / "straight"))["model"]
+    resumed = load_state(ckpt(out))["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_a_dead_or_stuck_rank_stops_the_other_with_a_message(photo_dir, tmp_path, capsys, fault):
     """kill -9 of rank 1 (a crash, out of memory): rank 0 sees the closed connection at once. SIGSTOP of

@@ -150,6 +150,7 @@ class Trainer:
         self._last_damaged = False  # resumed from previous.pt because last.pt did not load
         self._diverged = False
         self._skips = 0  # non-finite steps skipped in a row (train.on_nonfinite=skip)
+        self._stop: _StopFlag | None = None  # set while `run` listens for SIGINT/SIGTERM
         self._rollbacks = 0  # rollbacks since the last checkpoint was written (train.on_nonfinite=rollback)
         self._log: _CsvLog | None = None
         if resume:
@@ -280,6 +281,11 @@ class Trainer:
             disable=self.quiet or not dist.is_main() or len(mine) < 2,
         )
         for ci in mine:
+            # A round's search can take minutes, longer than a scheduler's grace period after SIGTERM:
+            # a single process stops between chunks (the round is searched again on resume, with the
+            # same seeds). DDP ranks finish the round: they could not agree on a chunk without a collective.
+            if self._stop is not None and self._stop.requested and dist.world_size() == 1:
+                raise _SearchStopped
             bar.update(1)
             rows = chunks[ci]
             c, d, p = self._search(
@@ -376,6 +382,7 @@ class Trainer:
         # SIGINT/SIGTERM only set a flag until the end, the exit handling included: torchrun's SIGTERM to
         # the survivors of a dead rank must not cut short their message and their last checkpoint.
         with stop:
+            self._stop = stop
             try:
                 # every rank stops at the same step, or the others would wait inside a collective
                 while self.step < t.steps and not dist.any_rank(stop.requested):
@@ -386,6 +393,8 @@ class Trainer:
                         self.pool = None  # free the last round's pool (codes, cached targets) before the search
                         try:
                             self.pool = self.search_pool()
+                        except _SearchStopped:
+                            break  # saved at exit, without this round's pool
                         except ValueError:  # the distance refuses NaN images
                             problem = self._diagnose()
                             if problem is None:
@@ -435,6 +444,7 @@ class Trainer:
                 error = e
                 raise
             finally:
+                self._stop = None
                 bar.close()
                 self._finish(error, writer)
                 if error is not None and dist.lost_peer(error):  # after the exit save: it names the newest checkpoint
@@ -785,6 +795,10 @@ class _CsvLog:
             yield
         except OSError as e:  # a full disk: say which file
             raise OSError(f"cannot write '{self.path}': {e.strerror or e}") from e
+
+
+class _SearchStopped(Exception):
+    """SIGINT/SIGTERM arrived during a round's search (see `Trainer.search_pool`)."""
 
 
 class _StopFlag:
