@@ -141,8 +141,12 @@ def run_ablation(
         trainer = train_or_reuse(cfg)  # a rerun reuses finished rungs, resumes an interrupted one
         # ... and their metrics, when measured on these weights with the same held-out set and counts
         saved = trainer.out / "eval" / "ablation.json"
-        counts = {"held_out": str(Path(held_out).resolve()), "crop": crop, "crops_per_image": crops_per_image}
-        counts["samples"] = samples
+        counts = {
+            "held_out": str(Path(held_out).resolve()),
+            "crop": crop,
+            "crops_per_image": crops_per_image,
+            "samples": samples,
+        }
         if (cached := fresh_metrics(saved, trainer.checkpoint_path, **counts)) is not None:
             rows.append(cached["row"])
             continue

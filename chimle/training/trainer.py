@@ -285,6 +285,7 @@ class Trainer:
             # a single process stops between chunks (the round is searched again on resume, with the
             # same seeds). DDP ranks finish the round: they could not agree on a chunk without a collective.
             if self._stop is not None and self._stop.requested and dist.world_size() == 1:
+                bar.close()
                 raise _SearchStopped
             bar.update(1)
             rows = chunks[ci]
