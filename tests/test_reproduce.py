@@ -123,3 +123,8 @@ def test_reproduce_writes_every_section_with_numbers(tmp_path, monkeypatch):
     for part in ("ablation", "table1"):
         a, b = (json.loads(json.dumps(r[part], default=float)) for r in (rerun, results))
         assert a.pop("seconds") > 0 and b.pop("seconds") > 0 and a == b, part
+    # the report states the counts each part ran with, also when it is recomposed under other sizes
+    reproduce.run(out, replace(TINY, eval_samples=5), resume=True, quick=True)
+    md = (out / "report.md").read_text()
+    assert "then 2 samples for each of 16 held-out crops" in md and "(4 held-out tiles, 2 samples each)" in md
+    assert "5 samples" not in md

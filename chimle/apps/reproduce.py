@@ -404,6 +404,7 @@ def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
         "seeds": sz.ablation_seeds,
         "steps": sz.ablation_steps,
         "images": images,
+        "samples": per_seed[0][0]["samples"],
         "figure": "ablation/ablation.png",
     }
 
@@ -466,6 +467,7 @@ def part_table1(out: Path, sz: Sizes, dirs) -> dict:
         "seeds": sz.table1_seeds,
         "steps": sz.table1_steps,
         "images": rows and per_method["chimle"][0]["images"],
+        "samples": sz.eval_samples,
         "figure": "table1/table1.png",
     }
 
@@ -613,9 +615,9 @@ def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tupl
             (
                 "p",
                 f"Each rung trained {r['steps']} steps on SR (`chimle bench ablation`'s recipe: LPIPS-VGG, batch 1), "
-                f"then {sz.eval_samples} samples for each of {r['images']} held-out crops; mean and spread over "
-                f"{r['seeds']} seeds. Paper (SR, FID): each removal makes it worse, by 7.7%, 7.8% and 12.8% "
-                "on average over the tasks. KID is unbiased at this size, FID is not (beside it only).",
+                f"then {r.get('samples', sz.eval_samples)} samples for each of {r['images']} held-out crops; "
+                f"mean and spread over {r['seeds']} seeds. Paper (SR, FID): each removal makes it worse, by 7.7%, "
+                "7.8% and 12.8% on average over the tasks. KID is unbiased at this size, FID is not (beside it only).",
             ),
             ("table", _table(r["rows"], keys)),
             ("img", r["figure"]),
@@ -632,9 +634,9 @@ def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tupl
                 "photos and batches, so their training compute is equal; cIMLE searches as many whole codes "
                 "per image as CHIMLE's schedule costs in full-forward equivalents (`search`), so their search "
                 f"compute is equal too. Mean and spread over {r['seeds']} seeds ({r['images']} held-out tiles, "
-                f"{sz.eval_samples} samples each). kid_std: over seeds; kid_subset_std: over KID's subsets in "
-                "one run. FID is biased with fewer images than 2,048 features: shown beside the paper's (real "
-                "datasets, 512 px) for orientation only. Paper: CHIMLE's FID is lower on every task.",
+                f"{r.get('samples', sz.eval_samples)} samples each). kid_std: over seeds; kid_subset_std: over "
+                "KID's subsets in one run. FID is biased with fewer images than 2,048 features: shown beside the "
+                "paper's (real datasets, 512 px) for orientation only. Paper: CHIMLE's FID is lower on every task.",
             ),
             ("table", _table(r["rows"], keys)),
         ]
