@@ -265,7 +265,7 @@ def test_cli_bench_efficiency(ckpt, held_out, tmp_path):
 def test_cli_bench_ablation(held_out, tmp_path, monkeypatch):
     out = tmp_path / "abl"  # trains on the held-out photos too: this checks the plumbing, not generalisation
 
-    def bench(samples: int) -> int:
+    def bench() -> int:
         return main(
             [
                 "bench",
@@ -287,14 +287,14 @@ def test_cli_bench_ablation(held_out, tmp_path, monkeypatch):
                 "--crop",
                 "16",
                 "--samples",
-                str(samples),
+                "2",
                 "--crops-per-image",
                 "1",
                 *TINY_SET,
             ]
         )
 
-    assert bench(2) == 0
+    assert bench() == 0
     rows = json.loads((out / "ablation.json").read_text())
     assert [row["ablation"] for row in rows] == list(ABLATIONS)
     for row in rows:
@@ -308,7 +308,7 @@ def test_cli_bench_ablation(held_out, tmp_path, monkeypatch):
     # a rerun reuses every rung's weights and metrics
     monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
     monkeypatch.setattr(bench_quality, "generate", lambda *a, **k: pytest.fail("a rung was sampled again"))
-    assert bench(2) == 0 and json.loads((out / "ablation.json").read_text()) == rows
+    assert bench() == 0 and json.loads((out / "ablation.json").read_text()) == rows
 
 
 def test_fresh_metrics_only_for_these_weights_and_counts(tmp_path):
