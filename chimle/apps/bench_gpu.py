@@ -58,7 +58,7 @@ from ..distances.lpips import LPIPS
 from ..inference.sample import generate
 from ..inference.tiling import auto_tile, padded_hw, tile_starts
 from ..loss import level_targets
-from ..memory import default_budget, parse_bytes
+from ..memory import default_budget, keep_freed_host_memory, parse_bytes
 from ..model import TowerConfig, TowerModel
 from ..resample import resize
 from ..training.step import optimize_step, param_groups
@@ -822,6 +822,7 @@ def failed(result: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_host_memory()  # as `chimle bench` does (chimle.apps.cli.main), also when run as a script
     if argv[:1] == ["--ddp-worker"]:  # one rank of the DDP check (started by ddp_check)
         return ddp_worker(argv[1])
     p = argparse.ArgumentParser(prog="chimle bench gpu", description=__doc__.split("\n\n")[0])

@@ -51,6 +51,7 @@ from .. import search
 from ..data.tasks import make_task
 from ..distances.lpips import LPIPS
 from ..inference.sample import generate
+from ..memory import keep_freed_host_memory
 from ..model import TowerConfig, TowerModel
 from ..training.step import optimize_step, param_groups
 
@@ -500,6 +501,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parse(sys.argv[1:] if argv is None else argv)
+    keep_freed_host_memory()  # as `chimle bench` does (chimle.apps.cli.main), also when run as a script
     device = torch.device(
         "cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device
     )
