@@ -24,7 +24,7 @@ def keep_freed_host_memory() -> bool:
 
     A step on the CPU frees and re-allocates the same megabyte-sized activations every time. glibc
     returns blocks above its mmap threshold, and the heap's free top beyond its trim threshold, to the
-    kernel on free, so the next step page-faults them in again: 10,000-16,000 faults and 23-39 ms of kernel
+    kernel on free, so the next step page-faults them in again: 9,700-17,000 faults and 23-50 ms of kernel
     time per training step of the small preset (`benchmarks/train_step.py`). Raising both thresholds
     (mmap to glibc's maximum, 32 MiB) keeps such blocks in the process, as CUDA's caching allocator
     does on a GPU; the resident size then stays near its peak until the process exits. Process-wide,
