@@ -37,7 +37,7 @@ from ..search import ABLATIONS
 from ..training.config import load_config
 from ..training.trainer import train_or_reuse
 
-__all__ = ["main", "fresh_metrics", "held_out_crops", "run_ablation", "run_efficiency"]
+__all__ = ["main", "fresh_metrics", "held_out_crops", "plot_ablation", "run_ablation", "run_efficiency"]
 
 
 def fresh_metrics(path: Path, checkpoint: Path, **counts) -> dict | None:
@@ -181,20 +181,24 @@ def run_ablation(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
     write_markdown_table(rows, out_dir / "ablation.md")
-    _bar_plot(rows, out_dir / "ablation.png")
+    panels = [("kid", "kid_subsets_std", "KID (lower is better; bars: over its subsets)")]
+    panels += [("lpips_best_of_k", None, "LPIPS to target, best of K"), ("fid", None, "FID (biased at few images)")]
+    plot_ablation(rows, out_dir / "ablation.png", panels)
     print((out_dir / "ablation.md").read_text())
     return rows
 
 
-def _bar_plot(rows: list[dict], path: Path) -> None:
+def plot_ablation(rows: list[dict], path: Path, panels: list[tuple[str, str | None, str]]) -> None:
+    """One bar chart per panel (row key, key of its error bars or None, title), the rungs side by side:
+    the layout of `bench ablation` (one seed) and of the report (over seeds, beside the paper's FID)."""
     plt = pyplot()
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     names = [r["ablation"] for r in rows]
-    for ax, key in zip(axes, ("kid", "fid", "lpips_best_of_k")):
-        ax.bar(names, [r[key] for r in rows], color="#4c72b0")
-        ax.set_title(key)
-        ax.tick_params(axis="x", rotation=20)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (key, err, title) in zip(axes, panels):
+        color = "#999999" if key.startswith("paper") else "#4c72b0"
+        ax.bar(names, [r[key] for r in rows], yerr=[r[err] for r in rows] if err else None, capsize=4, color=color)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -398,7 +398,10 @@ def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
         row["paper_fid_sr"] = PAPER_ABLATION_FID_SR[i]
         rows.append(row)
     images = per_seed[0][0]["images"]
-    plot_ablation(rows, out / "ablation.png")
+    panels = [("kid", "kid_std", "KID (ours, lower is better)")]
+    panels += [("lpips_best_of_k", "lpips_best_of_k_std", "LPIPS to target, best of K (ours)")]
+    panels += [("paper_fid_sr", None, "FID, paper (SR, Fig. 7)")]
+    bench_quality.plot_ablation(rows, out / "ablation.png", panels)
     return {
         "rows": rows,
         "seeds": sz.ablation_seeds,
@@ -407,25 +410,6 @@ def part_ablation(out: Path, sz: Sizes, dirs) -> dict:
         "samples": per_seed[0][0]["samples"],
         "figure": "ablation/ablation.png",
     }
-
-
-def plot_ablation(rows: list[dict], path: Path) -> None:
-    """Our KID and LPIPS per rung with their spread over seeds, beside the paper's SR FID (Fig. 7)."""
-    plt = pyplot()
-    names = [r["ablation"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, key, title in (
-        (axes[0], "kid", "KID (ours, lower is better)"),
-        (axes[1], "lpips_best_of_k", "LPIPS to target, best of K (ours)"),
-    ):
-        ax.bar(names, [r[key] for r in rows], yerr=[r[f"{key}_std"] for r in rows], capsize=4, color="#4c72b0")
-        ax.set_title(title, fontsize=9)
-    axes[2].bar(names, [r["paper_fid_sr"] for r in rows], color="#999999")
-    axes[2].set_title("FID, paper (SR, Fig. 7)", fontsize=9)
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=20, labelsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 def part_table1(out: Path, sz: Sizes, dirs) -> dict:
