@@ -13,6 +13,10 @@ checkout caches the targets per pool round (`Pool.loss_targets`), the same run a
 step (`chimle.loss.level_losses` on the raw targets, Adam's default loop), interleaved with the
 trainer's step, and prints the speed-up measured in the same run.
 
+Both steps' convolution and matmul FLOPs (`torch.utils.flop_counter`) are counted and set against this
+core's float32 matmul rate, measured in the same run: how close a step is to what the hardware can do,
+and how much of a speed-up is fewer FLOPs rather than a higher rate.
+
 Before/after against another checkout (e.g. HEAD), without touching the working tree:
 
     git worktree add /tmp/head HEAD && PYTHONPATH=/tmp/head python benchmarks/train_step.py
@@ -36,8 +40,10 @@ from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
 
 import chimle
+from chimle.apps.bench_speed import matmul_peak
 from chimle.loss import level_losses
 from chimle.memory import keep_freed_host_memory
 from chimle.resample import resize
@@ -121,6 +127,15 @@ def main(argv: list[str]) -> int:
     warm = time.process_time() - t0
     steps = {"step": trainer_step, **({"plain step": plain_step} if cached else {})}
     times = best(steps, max(1, a.reps // 3), block=3)
+    # The arithmetic of a step (convolution and matmul FLOPs, forward and backward), against this
+    # core's float32 matmul rate measured now: how far a step is from what the hardware can do, and
+    # how much of the speed-up over the plain step is fewer FLOPs rather than a higher rate.
+    flops = {}
+    for k, fn in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[k] = counter.get_total_flops()
+    peak, peak_how = matmul_peak(torch.device("cpu"))
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(3):
         trainer_step()
@@ -195,6 +210,11 @@ def main(argv: list[str]) -> int:
     if cached:
         cpu, wall = (times["plain step"][i] / times["step"][i] for i in (0, 1))
         print(f"speed-up over the plain step, same run: x{cpu:.2f} (CPU), x{wall:.2f} (wall)")
+    for k, f in flops.items():
+        rate = f / times[k][0]
+        print(f"{k}: {f / 1e9:.1f} GFLOP, {rate / 1e9:.0f} GFLOP/s = {rate / peak:.0%} of the {peak_how} rate here")
+    if cached:
+        print(f"  FLOPs alone: x{flops['plain step'] / flops['step']:.2f} fewer in a step than in the plain step")
     print(f"page faults per step: {faults:.0f} ({kernel_ms:.1f} ms kernel time)")
     print(f"warm-up: {warm:.1f} s CPU for the first steps (incl. the targets' features of the {a.pool} pool entries)")
     if a.json:
@@ -204,6 +224,8 @@ def main(argv: list[str]) -> int:
             "torch": torch.__version__,
             "targets_cached": cached,
             "freed_memory_kept": kept,
+            "gflop": {k: f / 1e9 for k, f in flops.items()},
+            "matmul_gflops": peak / 1e9,
             "page_faults_per_step": faults,
             "kernel_ms_per_step": kernel_ms,
             "cpu_ms": {k: c * 1e3 for k, c, _ in rows},

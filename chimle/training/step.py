@@ -4,14 +4,14 @@ opt = torch.optim.Adam(param_groups(model, lr=1e-4, mapping_lr_mult=0.01))
 losses = optimize_step(model, opt, x, y, codes, distance, to_rgb=task.rgb, loss_scale=1 / batch)
 losses = optimize_step(model, opt, x, None, codes, distance, targets=pool.loss_targets(rows, sizes, distance, dev))
 
-What a step costs, and what was cut (`benchmarks/train_step.py` measures it; small preset, batch 4,
-8 -> 64 px, LPIPS-VGG, one CPU thread: 820 -> 660 ms): the tower's forward and backward and LPIPS-VGG's
-forward and backward on the three outputs are the work, and run at 70-90% of the machine's matmul
-rate. Cut: LPIPS-VGG on the targets (a fifth of the step), which do not change during a round
-(`Pool.loss_targets` embeds each pool entry once per round); Adam's per-parameter loop over the ~350
-tensors of a tower (fused kernel: 16 -> 7 ms); the tower's NCHW layout on the CPU (channels-last:
-3-5%). Measured and kept: weight norm (each weight-normalised conv weight is computed once per
-forward already; 10 ms with its backward).
+What a step costs, and what was cut (`benchmarks/train_step.py` measures it; small preset, batch 4, 8 ->
+64 px, LPIPS-VGG, one CPU thread: 820 -> 660 ms, 59.2 -> 46.0 GFLOP): the tower's forward and backward
+and LPIPS-VGG's forward and backward on the three outputs are the work, and run at 82-86% of the
+machine's float32 matmul rate. Cut: LPIPS-VGG on the targets (a fifth of the step), which do not change
+during a round (`Pool.loss_targets` embeds each pool entry once per round); Adam's per-parameter loop
+over the ~350 tensors of a tower (fused kernel: 16 -> 7 ms); the tower's NCHW layout on the CPU
+(channels-last: 3-5%). Measured and kept: weight norm (each weight-normalised conv weight is computed
+once per forward already; 10 ms with its backward).
 """
 
 from __future__ import annotations
