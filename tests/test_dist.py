@@ -42,8 +42,10 @@ ARGS = [
 ]
 
 
-def run(cmd, **kw):
+def run(cmd, tmp_dir=None, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if tmp_dir is not None:  # torchrun's agent leaves a torchelastic_* folder in the temp folder
+        env["TMPDIR"] = str(tmp_dir)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -67,7 +69,8 @@ def test_two_gloo_ranks_match_single_process(photo_dir, tmp_path):
             str(photo_dir),
             "--out",
             str(multi),
-        ]
+        ],
+        tmp_dir=tmp_path,
     )
     a, b = load_state(single / "checkpoints" / "last.pt"), load_state(multi / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 6
