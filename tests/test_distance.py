@@ -1,5 +1,6 @@
 """Tests for chimle.distance (LPIPS). Calibration images: scripts/fetch_test_assets.sh."""
 
+import itertools
 import os
 import pickle
 from pathlib import Path
@@ -185,3 +186,24 @@ def test_small_images_are_upsampled_not_rejected():
     big = torch.nn.functional.interpolate(a * 2 - 1, scale_factor=32 / 12, mode="bilinear", align_corners=False)
     assert torch.allclose(d.features(a)[0], d.features((big + 1) / 2)[0], atol=1e-5)
     assert float(d(a, a).abs().max()) == 0
+
+
+def test_pooling_without_autograd_equals_max_pool2d():
+    # LPIPS's pools run as maxima of strided views on CPU NCHW tensors outside autograd (the search,
+    # the targets, evaluation); they must give max_pool2d's values, odd sizes, ties and NaN included.
+    g = torch.Generator().manual_seed(0)
+    for (k, s), shape in itertools.product([(2, 2), (3, 2)], [(2, 3, 8, 8), (1, 4, 7, 9), (3, 2, 3, 5)]):
+        pool = dist._MaxPool(k, s)
+        x = torch.randn(shape, generator=g).relu()  # zeros: ties in most windows
+        x[..., 0, 1] = x[..., 0, 0]
+        x[0, 0, -2, -2] = float("nan")
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = pool(x)
+        assert not [e.name for e in prof.events() if "max_pool" in e.name]  # the strided path ran
+        want = torch.nn.functional.max_pool2d(x, k, s)
+        assert out.shape == want.shape and torch.equal(out.isnan(), want.isnan())
+        assert torch.equal(out.nan_to_num(), want.nan_to_num())
+    # with autograd it is max_pool2d itself: the gradient goes to each window's first maximum
+    x = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]]]], requires_grad=True)
+    dist._MaxPool(2, 2)(x).sum().backward()
+    assert x.grad.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
