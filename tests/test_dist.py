@@ -102,3 +102,16 @@ def test_two_gloo_ranks_match_single_process(photo_dir, tmp_path):
         ]
     )
     assert load_state(multi / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_a_bare_cuda_device_gets_an_index(monkeypatch):
+    """`--device cuda` on one GPU: torch.cuda.set_device refuses a device without an index (torch 2.11,
+    seen on an H200), so the current device's index is filled in."""
+    from chimle.training import dist
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    assert dist.local_device("cuda") == torch.device("cuda", 0)
+    assert seen == [torch.device("cuda", 0)]
+    assert dist.local_device("cuda:0") == torch.device("cuda", 0) and seen[-1].index == 0

@@ -320,12 +320,18 @@ class LPIPS(nn.Module):
         """(N,) distances; fb may have batch 1 and broadcast. With spatial_average=False,
         (N,1,H,W) maps upsampled to `size` (default: size of the first tap)."""
         total = 0
-        for lin, a, b in zip(self.lin, fa, fb, strict=True):
-            d = F.conv2d((a - b).pow(2), lin.weight)  # lin head: non-negative weighted sum over channels
-            if self.spatial_average:
-                total = total + d.mean((2, 3))
-            else:
-                total = total + F.interpolate(d, size=size or fa[0].shape[-2:], mode="bilinear", align_corners=False)
+        # The head in float32 even under bf16 autocast (the search's CUDA path): autocast would run its
+        # 1x1 conv in bf16 and so round every distance to 8 bits (steps of 0.4%), coarser than the gaps
+        # between a search's best candidates. A few memory-bound ops: bf16 stays where the FLOPs are.
+        with torch.autocast(fa[0].device.type, enabled=False):
+            for lin, a, b in zip(self.lin, fa, fb, strict=True):
+                d = F.conv2d((a.float() - b.float()).pow(2), lin.weight)  # non-negative weighted channel sum
+                if self.spatial_average:
+                    total = total + d.mean((2, 3))
+                else:
+                    total = total + F.interpolate(
+                        d, size=size or fa[0].shape[-2:], mode="bilinear", align_corners=False
+                    )
         return total.flatten() if self.spatial_average else total
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:

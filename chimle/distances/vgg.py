@@ -141,7 +141,9 @@ class _FeatureDistance(nn.Module):
     def distance_from_features(self, fa: list[Tensor], fb: list[Tensor]) -> Tensor:
         """(N,) distances from features(a) and features(b); the contract of chimle.search."""
         t = self.terms(fa, fb)
-        return t @ t.new_tensor(self.weights)
+        # float32 under bf16 autocast too: a bf16 matmul would round every distance to 8 bits (see LPIPS)
+        with torch.autocast(t.device.type, enabled=False):
+            return t @ t.new_tensor(self.weights)
 
     def forward(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
         """(N,) distances between a[i] and b[i] (or b[0] if b has batch 1), images in [0, 1]."""

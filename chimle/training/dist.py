@@ -90,6 +90,8 @@ def local_device(device: str = "auto") -> torch.device:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # set_device needs an index (torch 2.11 refuses a bare "cuda")
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     return dev
 
