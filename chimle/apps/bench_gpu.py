@@ -341,6 +341,8 @@ def memory_check(model: TowerModel, distance, device: torch.device) -> list[dict
         targets = level_targets(y, model.cfg.output_sizes(32, 32), distance)
     out = []
     for name, amp in (("bf16 (as chimle trains)", True), ("float32 (as the authors)", False)):
+        # earlier checks' cached blocks would count as this step's reserved memory (seen on an H200: 27 GiB)
+        torch.cuda.empty_cache()
         opt = torch.optim.Adam(param_groups(model, 1e-4, 0.01))
         with contextlib.nullcontext() if amp else float32(device):
             for _ in range(2):  # the first: Adam's state, cuDNN's algorithm choice; the second is measured
