@@ -44,7 +44,7 @@ from .resample import resize
 __all__ = ["TowerConfig", "TowerModel", "LevelState", "NormStats", "NoiseEncoder", "PRESETS"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The authors' configuration (see REFERENCE.md): 210.62 M parameters in the "upscale" layout; the
+    # The authors' configuration (their released code; docs/design.md): 210.62 M parameters in the "upscale" layout; the
     # "same" layout has no upsampler after the last level (it would be unused): 210.55 M.
     "paper": dict(
         levels=4,

@@ -4,7 +4,7 @@ Synthetic checkpoints in the authors' format (random tensors) of every layout (p
 `model_state_dict` training state, `module.` prefixes) and every forward variant; the key layout is
 checked against the reference list of the authors' paper-size keys and shapes. The "same weights, same
 outputs" check re-implements their forward in plain torch ops from the state-dict tensors (following
-REFERENCE.md, "The authors' input/output conventions") and compares it with the converted chimle tower.
+docs/design.md and chimle/inference/convert.py) and compares it with the converted chimle tower.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = ["Super_Resolution", "Colourization", "generic"]
 TASK_OF = {"Super_Resolution": "sr", "Colourization": "colorize", "generic": "jpeg"}
 
-# shared/reference/authors_tim_state_dict_shapes.json: every key and shape of the authors' paper-size tower.
-# Where the file is not beside the checkout, its content is pinned by key count and the SHA-256 of
+# tests/data/authors_tim_state_dict_shapes.json: every key and shape of the authors' paper-size tower, per
+# variant, read off their released code; pinned too by key count and the SHA-256 of
 # json.dumps({key: shape}, separators=(",", ":")) per variant, in the file's key order.
 REFERENCE_SHA256 = {  # Super_Resolution and generic have the same keys and shapes (their forwards differ)
     "Super_Resolution": "6d9f4395640e84da8d45ac85bdddd131ca931c90611ff725bcdc5d824dfdc4ba",
@@ -54,13 +54,8 @@ REFERENCE_SHA256 = {  # Super_Resolution and generic have the same keys and shap
 }
 
 
-def _reference_json() -> dict | None:
-    here = Path(__file__).resolve().parent.parent
-    for root in (here / "shared", here.parent / "shared"):
-        p = root / "reference" / "authors_tim_state_dict_shapes.json"
-        if p.is_file():
-            return json.loads(p.read_text())
-    return None
+def _reference_json() -> dict:
+    return json.loads((Path(__file__).resolve().parent / "data" / "authors_tim_state_dict_shapes.json").read_text())
 
 
 def _digest(shapes: dict) -> str:
@@ -70,7 +65,7 @@ def _digest(shapes: dict) -> str:
 
 
 def paper_cfg(task: str) -> TowerConfig:
-    """The configuration the paper-size checkpoints must be inferred as (REFERENCE.md's TIM table)."""
+    """The configuration the paper-size checkpoints must be inferred as (the authors' TIM, docs/design.md)."""
     return TowerConfig(
         levels=4,
         layout="upscale" if task == "sr" else "same",
@@ -136,11 +131,9 @@ def authors_from_chimle(model: TowerModel, variant: str, seed: int = 0) -> dict[
 def test_authors_shapes_reproduce_the_reference_list(variant):
     """authors_shapes of the paper configuration is the reference JSON, key for key, in order."""
     ours = authors_shapes(paper_cfg(TASK_OF[variant]), variant)
-    ref = _reference_json()
-    if ref is not None:
-        want = {k: tuple(v) for k, v in ref[variant].items()}
-        assert list(ours) == list(want) and ours == want
-        assert _digest(want) == REFERENCE_SHA256[variant]
+    want = {k: tuple(v) for k, v in _reference_json()[variant].items()}
+    assert list(ours) == list(want) and ours == want
+    assert _digest(want) == REFERENCE_SHA256[variant]
     assert len(ours) == 1252
     assert _digest(ours) == REFERENCE_SHA256[variant]
     # Spot checks straight from the reference list.
@@ -380,7 +373,7 @@ def test_convention_options_default_to_chimle_and_are_validated():
 
 
 # --------------------------------------------------------------------------------------------------
-# Same weights, same outputs: the authors' forward re-implemented from REFERENCE.md in plain torch ops
+# Same weights, same outputs: the authors' forward re-implemented from their code's conventions in plain torch ops
 
 
 def _conv(sd, name, x):

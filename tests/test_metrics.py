@@ -1,7 +1,7 @@
 """The papers' metrics (chimle.metrics) and the FID InceptionV3 (chimle.inception).
 
 FID and KID are pinned to torchmetrics' doctests, replayed with the doctest's own inputs (made by
-scripts/fetch_test_assets.sh, see REFERENCE.md), and checked against independent computations;
+scripts/fetch_test_assets.sh), and checked against independent computations;
 FwV and LPIPS diversity against hand-computed values; PRD at its extremes; IvO on a known code.
 """
 

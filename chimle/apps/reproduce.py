@@ -62,7 +62,7 @@ __all__ = ["main", "run", "Sizes", "QUICK", "FULL"]
 
 HELD_OUT = ("chelsea", "rocket")
 TASKS = ("sr", "colorize", "jpeg", "night")
-PAPER_TABLE1_FID = {  # CHIMLE Table 1 (REFERENCE.md): (CHIMLE, cIMLE); "night" is the real night-to-day task
+PAPER_TABLE1_FID = {  # CHIMLE Table 1: (CHIMLE, cIMLE); "night" is the real night-to-day task
     "sr": (16.01, 28.42),
     "colorize": (24.33, 63.00),
     "jpeg": (73.69, 101.66),

@@ -19,9 +19,9 @@ mapping layers (1 + the `level_1_map.{0,2,..}` count), output channels (`level_1
 the noise channels: `level_1_feat.0` reads in_nc + noise channels, where in_nc comes from the task (3, or
 1 for colourisation's L); the shapes alone cannot split that sum. Then every key and shape must be exactly
 those of `authors_shapes(cfg, variant)`, which for the paper configuration reproduces
-shared/reference/authors_tim_state_dict_shapes.json key for key, in order.
+tests/data/authors_tim_state_dict_shapes.json key for key, in order.
 
-The computation assumed for each key (REFERENCE.md, "The authors' input/output conventions", and the
+The computation assumed for each key (their released code's conventions, docs/design.md, and the
 module layout those keys imply). LReLU = LeakyReLU(0.2); every conv is 3x3, stride 1, zero padding 1, under
 the legacy weight norm, weight = g * v / ||v|| (norm over (in, kh, kw) of each output channel, dim 0).
 Level i = 1..L, chimle module `levels.{i-1}`:

@@ -6,7 +6,7 @@ Every field has a comment; unknown keys and wrong types are rejected with the ke
     print(dump_config(cfg))         # the resolved YAML, as written to runs/NAME/config.yaml
 
 `chimle train --config FILE --set key=value` wraps this. Defaults follow the authors' schedule
-(see ../shared/REFERENCE.md) scaled down where the paper's value would not run on a CPU: the
+(docs/design.md) scaled down where the paper's value would not run on a CPU: the
 "paper" example configs in configs/ restore the full values.
 """
 

@@ -1,6 +1,6 @@
 """The pool of one IMLE round: P training crops, the latent code chosen for each, and its recipe.
 
-Each round (REFERENCE.md: 400 images, then 10,000 steps) picks P random crops, searches one code per
+Each round (the authors' schedule: 400 images, then 10,000 steps) picks P random crops, searches one code per
 crop (CHIMLE's Algorithm 1 or cIMLE's flat selection), and trains on those (input, code, target)
 triples. The crops are cut once per round, not once per step (a JPEG task would re-encode its input
 on every step). A checkpoint stores the pool's `recipe` (the winners of every search); the codes are

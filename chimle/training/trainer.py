@@ -1,6 +1,6 @@
 """Training: IMLE rounds of "search codes for a pool, then train on those codes".
 
-The authors' schedule (REFERENCE.md): each round picks a pool of images (random crops), searches one
+The authors' schedule (docs/design.md): each round picks a pool of images (random crops), searches one
 latent code per image (CHIMLE's hierarchical search, or cIMLE's flat one), then trains
 `steps_per_round` steps on (input, code, target) triples from that pool. The loss is the unweighted
 sum over levels of LPIPS between each level's output and the target downsampled to that level
