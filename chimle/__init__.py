@@ -20,10 +20,43 @@ The package is built in floors, each importing only the ones below it:
 
 from __future__ import annotations
 
-from . import latent, search
-from .distances.lpips import LPIPS
-from .inference.weights import load
-from .model import TowerConfig, TowerModel
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the names below are, for type checkers and editors
+    from . import latent, search
+    from .distances.lpips import LPIPS
+    from .inference.weights import load
+    from .model import TowerConfig, TowerModel
 
 __version__ = "0.1.0"
 __all__ = ["TowerConfig", "TowerModel", "LPIPS", "latent", "search", "load", "__version__"]
+
+# The names load on first use (PEP 562): `import chimle` alone, and the `chimle` command's parser, which
+# imports this package first, do not import torch (a few seconds); `chimle --help` answers at once.
+_LAZY = {
+    "TowerConfig": ".model",
+    "TowerModel": ".model",
+    "LPIPS": ".distances.lpips",
+    "load": ".inference.weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    else:  # a submodule: chimle.search, chimle.latent, ...
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

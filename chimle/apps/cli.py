@@ -17,45 +17,74 @@
 
 Bad input ends with one line on stderr naming the file or key and the problem (exit code 2),
 never a traceback from deep inside torch; CHIMLE_DEBUG=1 shows the traceback.
+
+The parser builds without importing torch or the library (a few seconds): every command imports what it
+needs when it runs, so `chimle --help` and argument errors answer at once (benchmarks/cli_startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-
-from ..data.tasks import TASKS, make_task
-from ..inference.files import sample_paths
-from ..inference.weights import available_models, export, load_with_task, model_card, shipped_dir, weights_dir
-from ..memory import keep_freed_host_memory
-from ..model import PRESETS, TowerConfig, TowerModel
-from ..search import ABLATIONS
-from ..training.config import METHODS, load_config
-from ..training.trainer import train
-from .convert_cli import add_convert_parser, cmd_convert
+from typing import Any
 
 __all__ = ["main"]
+
+
+class _LibraryNames:
+    """The names a library constant holds (TASKS, PRESETS, METHODS, ABLATIONS), as argparse `choices`,
+    imported when argparse first looks at them: a subcommand's --help or a value to check. Give the
+    argument a metavar, or argparse lists the choices in every usage line and so imports them at once."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+        self._names: list[str] | None = None
+
+    def _get(self) -> list[str]:
+        if self._names is None:
+            self._names = list(getattr(importlib.import_module(self.module, __package__), self.name))
+        return self._names
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._get()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def export(*args: Any, **kw: Any) -> Path:
+    """`chimle.inference.weights.export`, imported when `chimle export` runs (not when the parser builds)."""
+    from ..inference.weights import export as export_weights
+
+    return export_weights(*args, **kw)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a tower on a folder of photos")
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--task", choices=list(TASKS))
+    p.add_argument("--task", choices=_LibraryNames("..data.tasks", "TASKS"), metavar="TASK", help="%(choices)s")
     p.add_argument("--data", help="folder of training photos ('builtin' = scikit-image's); paired: the inputs")
     p.add_argument("--target", help="paired and layout tasks: folder of target images matched by file name")
     p.add_argument("--val-data", help="folder of held-out photos for sample grids")
     p.add_argument("--scale", type=int, help="sr: upscaling factor 2^levels")
     p.add_argument("--quality", type=int, help="jpeg: JPEG quality of the inputs")
     p.add_argument("--crop", type=int, help="training crop side at the target resolution")
-    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--preset", choices=_LibraryNames("..model", "PRESETS"), metavar="PRESET", help="%(choices)s")
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--name", help="run name")
     p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--method", choices=list(METHODS))
-    p.add_argument("--ablation", choices=list(ABLATIONS))
+    p.add_argument(
+        "--method", choices=_LibraryNames("..training.config", "METHODS"), metavar="METHOD", help="%(choices)s"
+    )
+    p.add_argument("--ablation", choices=_LibraryNames("..search", "ABLATIONS"), metavar="NAME", help="%(choices)s")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
@@ -86,6 +115,9 @@ def _train_base(a) -> dict:
 
 
 def cmd_train(a) -> int:
+    from ..training.config import load_config
+    from ..training.trainer import train
+
     cfg = load_config(a.config, a.set, base=_train_base(a))
     t = train(cfg, resume=a.resume)
     if t.last:
@@ -94,6 +126,8 @@ def cmd_train(a) -> int:
 
 
 def cmd_sample(a) -> int:
+    from ..inference.files import sample_paths
+
     written = sample_paths(
         a.checkpoint,
         a.input,
@@ -124,6 +158,8 @@ def cmd_export(a) -> int:
 
 def cmd_models(a) -> int:
     """The models a name loads: the shipped ones, then the user's (`chimle.load(name)`)."""
+    from ..inference.weights import available_models, model_card, shipped_dir, weights_dir
+
     models = available_models()
     if not models:
         print(f"no models: none shipped, none in {weights_dir()}")
@@ -151,7 +187,9 @@ def cmd_demo(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from ..data.tasks import make_task
     from ..evaluation.evaluate import evaluate  # heavy (scipy, the Inception loader): only when asked
+    from ..inference.weights import load_with_task
 
     model, task_cfg = load_with_task(a.checkpoint, a.device)
     if not task_cfg:
@@ -179,6 +217,16 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_convert(rest: list[str]) -> int:
+    """`chimle convert`, parsed by the parser that chimle/apps/convert_cli.py registers."""
+    from .convert_cli import add_convert_parser
+    from .convert_cli import cmd_convert as run_convert
+
+    parser = argparse.ArgumentParser(prog="chimle")
+    add_convert_parser(parser.add_subparsers(dest="command", required=True))
+    return run_convert(parser.parse_args(["convert", *rest]))
+
+
 def cmd_bench(a, rest: list[str]) -> int:
     if a.which == "speed":
         from .bench_speed import main as speed_main
@@ -195,6 +243,8 @@ def cmd_bench(a, rest: list[str]) -> int:
 
 def cmd_presets(a: argparse.Namespace) -> int:
     """Every preset's parameter count, in total and per level."""
+    from ..model import PRESETS, TowerConfig, TowerModel
+
     for name in PRESETS:
         model = TowerModel(TowerConfig.preset(name))
         per_level = ", ".join(f"{model.num_parameters(l) / 1e6:.2f}" for l in range(1, model.cfg.levels + 1))
@@ -234,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--card", help="a model card (JSON) to store in the file's metadata (`chimle models` shows it)")
 
-    add_convert_parser(sub)
+    # `convert` builds its own parser (chimle/apps/convert_cli.py, which imports torch) when it runs.
+    sub.add_parser(
+        "convert", add_help=False, help="the authors' CHIMLE checkpoint -> safetensors weights with their config"
+    )
 
     p = sub.add_parser("demo", help="train a small tower on bundled photos and write a sample grid")
     p.add_argument("--task", choices=["sr", "layout"], default="sr", help="8x SR, or scene layouts (stand-ins)")
@@ -271,16 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    keep_freed_host_memory()  # CPU steps stop page-faulting their activations in again (see its docstring)
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
-    if rest and a.command not in ("bench", "mnist", "explore", "reproduce"):
+    if rest and a.command not in ("bench", "mnist", "explore", "reproduce", "convert"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from ..memory import keep_freed_host_memory  # imports torch: only once the arguments parsed
+
+    keep_freed_host_memory()  # CPU steps stop page-faulting their activations in again (see its docstring)
     commands = {
         "train": cmd_train,
         "sample": cmd_sample,
         "export": cmd_export,
-        "convert": cmd_convert,
         "demo": cmd_demo,
         "eval": cmd_eval,
         "presets": cmd_presets,
@@ -289,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "bench":
             return cmd_bench(a, rest)
+        if a.command == "convert":
+            return cmd_convert(rest)
         if a.command == "mnist":
             from .mnist import main as mnist_main
 
