@@ -238,3 +238,28 @@ def test_ivo_recovers_a_known_code():
     assert 0 <= mean < 0.1 * random and std >= 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights untouched
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_chroma_spread_tells_tints_from_regions():
+    """Two samples, the same picture in two tints: all spread is tint; two samples that colour the top
+    and bottom halves oppositely (same mean chroma): all spread is regional. In Lab units."""
+    from chimle.data.tasks import lab_to_rgb, rgb_to_lab
+
+    g = torch.Generator().manual_seed(0)
+    lab = torch.cat([torch.full((1, 1, 16, 16), 60.0), 8 * torch.randn(1, 2, 16, 16, generator=g)], 1)
+    base = lab_to_rgb(lab)
+    lab = rgb_to_lab(base)  # what the sRGB image holds (in gamut at these values)
+
+    def with_ab(delta):
+        return lab_to_rgb(lab + torch.cat([torch.zeros(1, 1, 16, 16), delta], 1))
+
+    tinted = with_ab(torch.tensor([6.0, -8.0]).view(1, 2, 1, 1).expand(1, 2, 16, 16))
+    r = metrics.chroma_spread(torch.stack([base, tinted]))
+    assert r["tint"] == pytest.approx(5.0, rel=0.02)  # half of |(6, -8)|: two samples at +-d/2
+    assert r["regional"] < 0.05 * r["tint"]
+    halves = torch.zeros(1, 2, 16, 16)
+    halves[:, 0, :8], halves[:, 0, 8:] = 6.0, -6.0
+    r = metrics.chroma_spread(torch.stack([base, with_ab(halves)]))
+    assert r["regional"] == pytest.approx(3.0, rel=0.02) and r["tint"] < 0.05
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metrics.chroma_spread(base[None])

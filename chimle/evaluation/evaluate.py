@@ -18,6 +18,9 @@ computes (the metric functions are in `chimle.metrics`):
     ivo_mean, ivo_std          inference via optimisation, MSE in units of 10^-3 as the papers report it
     lpips_to_target_mean       LPIPS of a sample to the observed image; *_best_of_k: the closest of K
                                per input
+    chroma_spread_tint, chroma_spread_regional
+                               how samples differ in colour: by a whole-image tint, or by region
+                               (`metrics.chroma_spread`, Lab a/b units)
     consistency_mae, consistency_shift
                                does a sample observe back to its input (`metrics.consistency`): mean
                                absolute error and mean shift per channel (absent for paired / night)
@@ -170,6 +173,8 @@ def evaluate(
     del samples_d, y_d
     r["lpips_to_target_mean"] = float(to_target.double().mean())
     r["lpips_to_target_best_of_k"] = float(to_target.double().min(0).values.mean())
+    # colour modes: a tint of the whole image, or regions coloured differently (metrics.chroma_spread)
+    r["chroma_spread_tint"], r["chroma_spread_regional"] = metrics.chroma_spread(samples).values()
     if task.observe(samples[:1, :1].flatten(0, 1)) is not None:
         c = metrics.consistency(samples, x, task.observe)
         r["consistency_mae"], r["consistency_shift"] = c["mae"], c["shift"]
@@ -235,6 +240,8 @@ _DESCRIPTIONS = [  # (key, description, scale shown in the "papers' scale" colum
     ("lpips_to_target_mean", "LPIPS sample to target, mean", 1),
     ("lpips_to_target_best_of_k", "LPIPS sample to target, best of K", 1),
     ("consistency_mae", "consistency: mean |observe(sample) - input| (lower is better)", 1),
+    ("chroma_spread_tint", "chroma spread over samples: mean chroma (whole-image tints), Lab units", 1),
+    ("chroma_spread_regional", "chroma spread over samples after removing the mean chroma (regions), Lab units", 1),
 ]
 
 

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 
 from .. import latent
 from ..data.imageio import check_range01, pyplot, save_figure
+from ..data.tasks import rgb_to_lab
 from ..distances.lpips import LPIPS
 from ..loss import Distance, ToRGB
 from .inception import features
@@ -52,6 +53,7 @@ __all__ = [
     "fwv_from_distances",
     "lpips_diversity",
     "consistency",
+    "chroma_spread",
     "prd",
     "prd_curve",
     "prd_f_beta",
@@ -310,6 +312,29 @@ def consistency(samples: Tensor, x: Tensor, observe: Callable[[Tensor], Tensor |
         "shift": [float(v) for v in shift],
         "max_abs_shift": float(shift.abs().max()),
     }
+
+
+@torch.no_grad()
+def chroma_spread(samples: Tensor) -> dict[str, float]:
+    """How samples of one input differ in colour: by a tint of the whole image, or region by region.
+
+    For sample k of input i, its chroma (Lab a, b) splits into the image's mean chroma m_ik and what is
+    left at each pixel, r_ik(p) = ab_ik(p) - m_ik. Returns, in Lab units and averaged over inputs:
+      "tint":     the spread over samples of the mean chroma, sqrt(var_k(m_ik) summed over a, b): samples
+                  that are the same picture in another tint score here;
+      "regional": the spread over samples of the residual chroma at each pixel, averaged over pixels:
+                  samples that colour one region differently from another score here (an orange orange
+                  and a lime-green one in the same photo), a pure tint scores 0.
+    samples (K, N, 3, H, W) in [0, 1], K >= 2.
+    """
+    _check_samples(samples)
+    if samples.shape[0] < 2:
+        raise ValueError(f"chroma_spread needs at least 2 samples per input, got {samples.shape[0]}")
+    ab = rgb_to_lab(samples.double())[:, :, 1:]  # (K, N, 2, H, W)
+    mean = ab.mean((-2, -1), keepdim=True)
+    tint = mean.var(0, unbiased=False).sum(1).sqrt()  # (N, 1, 1)
+    regional = (ab - mean).var(0, unbiased=False).sum(1).sqrt()  # (N, H, W)
+    return {"tint": float(tint.mean()), "regional": float(regional.mean())}
 
 
 # -----------------------------------------------------------------------------
