@@ -8,13 +8,21 @@ of a tower's activation memory, so one budget (`search.memory_budget`, `--memory
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
 
 from .model import TowerModel
 
-__all__ = ["parse_bytes", "default_budget", "bytes_per_row", "chunk_rows", "keep_freed_host_memory"]
+__all__ = [
+    "parse_bytes",
+    "default_budget",
+    "available_memory",
+    "bytes_per_row",
+    "chunk_rows",
+    "keep_freed_host_memory",
+]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -66,6 +74,24 @@ def default_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return 2 * 2**30
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a process can still allocate on `device` without swapping: the free GPU memory, or the host's
+    MemAvailable (Linux; the free physical pages elsewhere); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def bytes_per_row(model: TowerModel, levels: range, input_hw: tuple[int, int]) -> int:

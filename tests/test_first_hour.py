@@ -61,3 +61,81 @@ def test_convert_parses_with_its_own_parser(capsys):
     assert "chimle convert: error: the following arguments are required: out, --task" in capsys.readouterr().err
     assert main(["convert", "missing.pth", "out.safetensors", "--task", "sr"]) == 2
     assert "chimle convert: error: checkpoint 'missing.pth' does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_sr(tmp_path_factory):
+    """A random-init tiny 8x SR tower saved as a training checkpoint (the weights do not matter here)."""
+    import torch
+
+    from chimle.model import TowerConfig, TowerModel
+
+    torch.manual_seed(0)
+    model = TowerModel(TowerConfig.preset("tiny", layout="upscale"))
+    path = tmp_path_factory.mktemp("tiny") / "tiny_sr8.pt"
+    task = {"name": "sr", "scale": 8}
+    torch.save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "task_config": task}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory):
+    import torch
+
+    from chimle.data.imageio import save_image
+
+    path = tmp_path_factory.mktemp("in") / "photo.png"
+    save_image(torch.rand(3, 16, 20, generator=torch.Generator().manual_seed(3)), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, said",
+    [
+        ("missing.png", "image file '{}' does not exist"),
+        ("missing.JPG", "image file '{}' does not exist"),
+        ("missing", "no image file or folder '{}' exists"),
+    ],
+)
+def test_a_missing_input_is_named_as_a_file(tiny_sr, tmp_path, capsys, name, said):
+    missing = tmp_path / name
+    assert main(["sample", str(tiny_sr), str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "chimle sample: error: " + said.format(missing)
+
+
+def _sample(weights, image, out, *extra):
+    return main(["sample", str(weights), str(image), "--num", "2", "--seed", "4", "--out", str(out), *extra])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_input_over_the_budget_is_tiled_as_tile_auto_does_and_says_so(tiny_sr, small_input, tmp_path, capsys):
+    from chimle.data.imageio import load_image
+
+    assert _sample(tiny_sr, small_input, tmp_path / "auto", "--memory-budget", "16MB") == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"chimle sample: '{small_input}' (20x16 px) needs about 49 MB untiled, more than the memory")
+    assert err.count("\n") == 1 and "tiled automatically, as --tile auto does (10 px tiles" in err
+    asked = ["--tile", "auto", "--memory-budget", "16MB"]
+    assert _sample(tiny_sr, small_input, tmp_path / "asked", *asked) == 0
+    assert capsys.readouterr().err == ""  # asked for: nothing to say
+    for k in range(2):
+        auto, tiled = (load_image(tmp_path / d / f"photo_{k:03d}.png") for d in ("auto", "asked"))
+        assert auto.shape == (3, 128, 160) and (auto == tiled).all()
+    assert _sample(tiny_sr, small_input, tmp_path / "whole") == 0  # fits: run whole, quietly
+    assert capsys.readouterr().err == ""
+    whole, auto = (load_image(tmp_path / d / "photo_000.png") for d in ("whole", "auto"))
+    assert not (whole == auto).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_without_a_budget_the_memory_available_decides(tiny_sr, small_input, tmp_path, capsys, monkeypatch):
+    import chimle.inference.files as files
+
+    monkeypatch.setattr(files, "available_memory", lambda device: 20 * 2**20)
+    assert _sample(tiny_sr, small_input, tmp_path / "auto") == 0
+    err = capsys.readouterr().err
+    assert "needs about 49 MB untiled, more than the memory available (20 MB): tiled automatically" in err
+    assert "(8 px tiles" in err  # within half the memory available: 10 MB
+    assert _sample(tiny_sr, small_input, tmp_path / "lerp", "--interpolate", "--steps", "2") == 0
+    err = capsys.readouterr().err
+    assert err.strip().endswith("--interpolate and --project run it whole (it may not fit): --tile auto, without them")

@@ -144,6 +144,7 @@ def cmd_sample(a) -> int:
         memory_budget=a.memory_budget,
         code=a.code,
         project=a.project,
+        notice=lambda msg: print(f"chimle sample: {msg}", file=sys.stderr),
     )
     grids = [p for p in written if p.name.endswith("_grid.png")]
     print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")

@@ -15,8 +15,9 @@ codes and the input, whatever the output size (README, "Large images").
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,9 +28,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import latent
-from ..data.imageio import atomic_write, list_images, load_image, save_image, to_uint8
+from ..data.imageio import IMAGE_EXTENSIONS, atomic_write, list_images, load_image, save_image, to_uint8
 from ..data.tasks import Task, make_task
-from ..memory import default_budget
+from ..memory import available_memory, bytes_per_row, default_budget, parse_bytes
 from ..model import TowerModel
 from ..resample import resize
 from .explore import sample_with_code
@@ -38,7 +39,7 @@ from .sample import back_project, eval_mode, generate, interpolate, redraw_from
 from .tiling import auto_tile, pad_to_tower, tiled_bands
 from .weights import load_with_task
 
-__all__ = ["sample_paths", "write_png_rows"]
+__all__ = ["sample_paths", "write_png_rows", "tile_plan"]
 
 PREVIEW_SIDE = 1024  # the longest side of a streamed sample's preview in its grid (px)
 
@@ -61,6 +62,7 @@ def sample_paths(
     memory_budget: int | str | None = None,
     code: str | Path | None = None,
     project: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Sample `num` outputs for an image or a folder of images; write each output and a grid.
 
@@ -69,7 +71,10 @@ def sample_paths(
 
     tile: tiled inference for images too large to run at once: a tile side in input pixels, or
     "auto" for the largest tile that fits `memory_budget` (default: half the free GPU memory, 2 GB
-    on the CPU); images that fit whole are not tiled.
+    on the CPU); images that fit whole are not tiled. Without a tile, an image whose untiled run would not
+    fit (`tile_plan`: more than `memory_budget`, or than the memory available) is tiled as with "auto", and
+    `notice` (default: warnings.warn) gets one line saying so; with interpolate_steps or project, which do
+    not tile, the line warns that it may not fit instead.
 
     project: back-project super-resolution samples onto their input (`sample.back_project`):
     post-processing that enforces consistency with the input, off by default.
@@ -82,9 +87,12 @@ def sample_paths(
         if not Path(inputs).is_file():
             raise ValueError(f"--code redraws one output: give one input image, not the folder '{inputs}'")
         return [sample_with_code(weights, inputs, code, out, degrade=True if degrade else None, device=device)]
+    if not Path(inputs).exists():
+        raise FileNotFoundError(_missing_input(Path(inputs)))
     model, task_cfg = load_with_task(weights, device)
     task = make_task(**task_cfg) if task_cfg else None
     paths = [Path(inputs)] if Path(inputs).is_file() else list_images(inputs)
+    say = notice if notice is not None else (lambda msg: warnings.warn(msg, stacklevel=3))
     out = Path(out)
     g = torch.Generator(device=model.device).manual_seed(seed)
     written: list[Path] = []
@@ -104,7 +112,10 @@ def sample_paths(
         x, (h, w) = pad_to_tower(x[None], model)
         if same_code:  # the same draws for every input: sample k shares its code across the inputs
             g = torch.Generator(device=model.device).manual_seed(seed)
-        side = _tile_side(model, tuple(x.shape[-2:]), tile, memory_budget)
+        whole = bool(interpolate_steps or project)  # they do not tile
+        side, note = tile_plan(model, tuple(x.shape[-2:]), tile, memory_budget, can_tile=not whole)
+        if note:
+            say(f"'{p}' {note}")
         if project and (task is None or task.name != "sr" or side is not None):
             raise ValueError("--project works on untiled super-resolution samples (no --tile)")
         if interpolate_steps:
@@ -300,3 +311,51 @@ def _tile_side(
         if side < 1:
             raise ValueError(f"--tile must be a positive number of input pixels or 'auto', got {tile!r}")
     return None if side >= max(hw) else side
+
+
+def _missing_input(path: Path) -> str:
+    """What a missing input is called: a path with a suffix names a file, one without may be either."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return f"image file '{path}' does not exist"
+    if path.suffix:
+        return f"file '{path}' does not exist"
+    return f"no image file or folder '{path}' exists"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def tile_plan(
+    model: TowerModel,
+    hw: tuple[int, int],
+    tile: int | str | None,
+    memory_budget: int | str | None,
+    can_tile: bool = True,
+) -> tuple[int | None, str | None]:
+    """The tile side for an input of `hw` (padded; None: run it whole), and a line for the user when the
+    image is tiled without being asked, or cannot be and may not fit.
+
+    Without `tile`, the untiled run's estimate (`chimle.memory.bytes_per_row`, the one `auto_tile` fits
+    tiles with; it errs high) is compared with `memory_budget` when given, else with the memory available
+    (a first sample of a large photo must not end in an out-of-memory kill; the CPU's default budget,
+    2 GB, would tile photos that fit). Above it, the tiles are those of `--tile auto`, within the budget
+    (default: `default_budget`, at most half the memory available)."""
+    if tile is not None:
+        return _tile_side(model, hw, tile, memory_budget), None
+    need = bytes_per_row(model, range(1, model.cfg.levels + 1), hw)
+    free = available_memory(model.device)
+    limit = parse_bytes(memory_budget) if memory_budget is not None else free
+    if limit is None or need <= limit:
+        return None, None
+    what = "the memory budget" if memory_budget is not None else "the memory available"
+    said = f"({hw[1]}x{hw[0]} px) needs about {_gb(need)} untiled, more than {what} ({_gb(limit)})"
+    if not can_tile:
+        return None, f"{said}; --interpolate and --project run it whole (it may not fit): --tile auto, without them"
+    budget = memory_budget
+    if budget is None:
+        budget = default_budget(model.device) if free is None else min(default_budget(model.device), free // 2)
+    side = _tile_side(model, hw, "auto", budget)
+    if side is None:
+        return None, None
+    return side, f"{said}: tiled automatically, as --tile auto does ({side} px tiles; --tile N to choose)"
