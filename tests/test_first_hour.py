@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from chimle.apps.cli import main
+from chimle.data.imageio import load_image, save_image
+from chimle.model import TowerConfig, TowerModel
 
 # Runs the command line in a fresh interpreter and reports, on the last line of stderr, whether torch got
 # imported (argparse ends --help and argument errors with SystemExit).
@@ -66,10 +69,6 @@ def test_convert_parses_with_its_own_parser(capsys):
 @pytest.fixture(scope="module")
 def tiny_sr(tmp_path_factory):
     """A random-init tiny 8x SR tower saved as a training checkpoint (the weights do not matter here)."""
-    import torch
-
-    from chimle.model import TowerConfig, TowerModel
-
     torch.manual_seed(0)
     model = TowerModel(TowerConfig.preset("tiny", layout="upscale"))
     path = tmp_path_factory.mktemp("tiny") / "tiny_sr8.pt"
@@ -80,10 +79,6 @@ def tiny_sr(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_input(tmp_path_factory):
-    import torch
-
-    from chimle.data.imageio import save_image
-
     path = tmp_path_factory.mktemp("in") / "photo.png"
     save_image(torch.rand(3, 16, 20, generator=torch.Generator().manual_seed(3)), path)
     return path
@@ -109,8 +104,6 @@ def _sample(weights, image, out, *extra):
 
 @pytest.mark.usefixtures("one_thread")
 def test_an_input_over_the_budget_is_tiled_as_tile_auto_does_and_says_so(tiny_sr, small_input, tmp_path, capsys):
-    from chimle.data.imageio import load_image
-
     assert _sample(tiny_sr, small_input, tmp_path / "auto", "--memory-budget", "16MB") == 0
     err = capsys.readouterr().err
     assert err.startswith(f"chimle sample: '{small_input}' (20x16 px) needs about 49 MB untiled, more than the memory")
@@ -139,3 +132,45 @@ def test_without_a_budget_the_memory_available_decides(tiny_sr, small_input, tmp
     assert _sample(tiny_sr, small_input, tmp_path / "lerp", "--interpolate", "--steps", "2") == 0
     err = capsys.readouterr().err
     assert err.strip().endswith("--interpolate and --project run it whole (it may not fit): --tile auto, without them")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_interrupted_demo_names_its_command_and_resumes_with_it(tmp_path, capsys, monkeypatch):
+    """`chimle demo` stopped by Ctrl-C after a step says how to go on; `chimle demo ... --resume` then goes
+    on from that step (the demo's own config, shrunk to a tiny search so that it runs in seconds)."""
+    import chimle.apps.demo as demo
+
+    def small_config(out, steps=None, device="auto"):
+        cfg = demo_config(out, steps, device)
+        cfg.search.samples_per_level, cfg.search.batch, cfg.search.distance = [2, 2, 1], 4, "alex"
+        cfg.train.pool_size, cfg.train.batch_size = 4, 2
+        return cfg
+
+    started: list[tuple[bool, int]] = []
+
+    class StoppedAfterOneStep(demo.Trainer):
+        def __init__(self, cfg, resume=False, **kw):
+            super().__init__(cfg, resume=resume, **kw)
+            started.append((resume, self.step))
+
+        def train_step(self, rows):
+            out = super().train_step(rows)
+            if len(started) == 1:  # the first run: Ctrl-C during its first step
+                self._stop.requested = True
+            return out
+
+    demo_config = demo.demo_config
+    monkeypatch.setattr(demo, "demo_config", small_config)
+    monkeypatch.setattr(demo, "Trainer", StoppedAfterOneStep)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    command = f"chimle demo --out {out} --steps 3 --device cpu --resume"
+    assert err == (
+        f"chimle demo: interrupted: stopped at step 1 of 3; the last good checkpoint is "
+        f"'{out / 'checkpoints' / 'last.pt'}' (step 1): go on with: {command}"
+    )
+    assert main(command.split()[1:]) == 0
+    assert started == [(False, 0), (True, 1)]
+    assert (out / "demo_grid.png").is_file() and "demo grid:" in capsys.readouterr().out
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 3

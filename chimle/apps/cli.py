@@ -1,6 +1,6 @@
 """The `chimle` command line: a thin wrapper over the Python API.
 
-    chimle demo [--task sr|layout] [--out DIR]
+    chimle demo [--task sr|layout] [--out DIR] [--steps N] [--resume]
     chimle train --task sr --scale 8 --data DIR --preset tiny --out runs/NAME [--steps N] [--method chimle|cimle]
                  [--resume] [--config FILE] [--set key=value ...]
     chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
@@ -177,14 +177,29 @@ def cmd_models(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo, run_layout_demo  # the apps are imported only by the command that runs them
 
-    if a.task == "layout":
-        print(f"demo grid: {run_layout_demo(a.out or 'runs/demo_layout', steps=a.steps, device=a.device)}")
-        return 0
-    grid, c = run_demo(a.out or "runs/demo", steps=a.steps, device=a.device)
+    try:
+        if a.task == "layout":
+            grid = run_layout_demo(a.out or "runs/demo_layout", steps=a.steps, device=a.device, resume=a.resume)
+            print(f"demo grid: {grid}")
+            return 0
+        grid, c = run_demo(a.out or "runs/demo", steps=a.steps, device=a.device, resume=a.resume)
+    except KeyboardInterrupt as e:  # the trainer saved its steps and says "go on with --resume": say the command
+        raise KeyboardInterrupt(_demo_resume_note(str(e), a)) from None
     print(f"demo grid: {grid}")
     shift = ", ".join(f"{v:+.3f}" for v in c["shift"])
     print(f"consistency with the inputs: mean abs error {c['mae']:.3f}, mean shift per channel (R, G, B) {shift}")
     return 0
+
+
+def _demo_resume_note(msg: str, a: argparse.Namespace) -> str:
+    """The trainer's Ctrl-C message with the `chimle demo` command that goes on from its checkpoint (the
+    same --task, --out, --steps and --device: the run's folder and config must match)."""
+    if not msg or "no checkpoint was written yet" in msg:
+        return msg
+    again = ["chimle demo", *(["--task", a.task] if a.task != "sr" else [])]
+    again += [*(["--out", a.out] if a.out else []), *(["--steps", str(a.steps)] if a.steps else [])]
+    again += [*(["--device", a.device] if a.device != "auto" else []), "--resume"]
+    return msg.replace("go on with --resume (any number of processes)", "go on with: " + " ".join(again))
 
 
 def cmd_eval(a) -> int:
@@ -295,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/demo, runs/demo_layout)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.pt (after Ctrl-C)")
 
     p = sub.add_parser("eval", help="the papers' metrics on held-out images")
     p.add_argument("checkpoint")

@@ -10,6 +10,7 @@ demo_consistency.json.
 
     chimle demo --out runs/demo          # prints the path of the grid
     chimle demo --task layout            # scene layouts: stand-in label maps -> photos (cIMLE Sect. 4.2)
+    chimle demo --resume                 # after Ctrl-C: go on from runs/demo/checkpoints/last.pt
 
 `chimle demo --task layout` makes STAND-IN layouts, not real segmentations: one k-means of the pixel
 colours of all the photos (so class k is the same colour cluster in every image), assigned on blocks of
@@ -144,11 +145,14 @@ def layout_demo_config(out: str | Path, steps: int | None = None, device: str = 
     )
 
 
-def run_layout_demo(out: str | Path = "runs/demo_layout", steps: int | None = None, device: str = "auto") -> Path:
-    """Train the scene-layout tower on stand-in layouts and grid the held-out photo's; returns the grid."""
+def run_layout_demo(
+    out: str | Path = "runs/demo_layout", steps: int | None = None, device: str = "auto", resume: bool = False
+) -> Path:
+    """Train the scene-layout tower on stand-in layouts and grid the held-out photo's; returns the grid.
+    resume: go on from out/checkpoints/last.pt (a run stopped with Ctrl-C), as `chimle train --resume`."""
     out = Path(out)
-    make_stand_in_layouts(out)
-    trainer = Trainer(layout_demo_config(out, steps, device))
+    make_stand_in_layouts(out)  # deterministic (k-means seeded): a resumed run trains on the same layouts
+    trainer = Trainer(layout_demo_config(out, steps, device), resume=resume)
     trainer.run()
     held = ImageDataset(
         out / "photos" / "held_out",
@@ -188,13 +192,16 @@ def _split_photos(out: Path) -> None:
             shutil.copy(p, dst)
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None, device: str = "auto") -> tuple[Path, dict]:
+def run_demo(
+    out: str | Path = "runs/demo", steps: int | None = None, device: str = "auto", resume: bool = False
+) -> tuple[Path, dict]:
     """Train the demo tower and write the held-out sample grid; returns the grid's path and the
-    consistency of its samples with their inputs."""
+    consistency of its samples with their inputs. resume: go on from out/checkpoints/last.pt (a run
+    stopped with Ctrl-C), as `chimle train --resume`."""
     out = Path(out)
     _split_photos(out)
     cfg = demo_config(out, steps, device)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=resume)
     trainer.run()
     held = ImageDataset(
         out / "photos" / "held_out", trainer.task, crop=cfg.data.crop, levels=trainer.model_cfg.levels, seed=123
