@@ -174,3 +174,75 @@ def test_an_interrupted_demo_names_its_command_and_resumes_with_it(tmp_path, cap
     assert started == [(False, 0), (True, 1)]
     assert (out / "demo_grid.png").is_file() and "demo grid:" in capsys.readouterr().out
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "cores, load, env, expected",
+    [
+        (8, (2.4, 9.0, 9.0), {}, 6),  # the 1-minute figure, rounded: 2
+        (8, (2.5, 0.0, 0.0), {}, 5),  # half rounds up (round() would give 2)
+        (2, (7.3, 7.0, 7.0), {}, 1),  # a busy machine: at least one
+        (None, (0.0, 0.0, 0.0), {}, 1),  # cpu_count unknown
+        (16, (4.0, 0.0, 0.0), {"LOCAL_WORLD_SIZE": "4"}, 3),  # torchrun's processes share the free cores
+        (16, (4.0, 0.0, 0.0), {"OMP_NUM_THREADS": "2"}, 2),  # the user's (or torchrun's) choice wins
+    ],
+)
+def test_default_threads_are_the_free_cores(monkeypatch, cores, load, env, expected):
+    from chimle import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: load)
+    assert threads.default_threads() == expected
+
+
+def test_default_threads_without_a_load_average(monkeypatch):
+    from chimle import threads
+
+    def no_loadavg():
+        raise OSError("no load average")
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads.os, "getloadavg", no_loadavg)
+    assert threads.default_threads() == 4
+
+
+@pytest.mark.parametrize("given, applied", [(["--threads", "3"], 3), ([], 5)])
+def test_threads_are_set_before_the_command_runs_and_restored(monkeypatch, tmp_path, given, applied):
+    import chimle.inference.files as files
+    from chimle import threads
+
+    seen = []
+    monkeypatch.setattr(files, "sample_paths", lambda *a, **kw: seen.append(torch.get_num_threads()) or [])
+    monkeypatch.setattr(threads, "default_threads", lambda: 5)
+    before = torch.get_num_threads()
+    assert main(["sample", "w.safetensors", "in.png", "--out", str(tmp_path), *given]) == 0
+    assert seen == [applied] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train"],
+        ["sample"],
+        ["eval"],
+        ["demo"],
+        ["reproduce"],
+        ["explore"],
+        ["bench", "speed"],
+        ["bench", "gpu"],
+        ["bench", "efficiency"],
+        ["bench", "ablation"],
+    ],
+)
+def test_every_computing_command_takes_threads(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--threads N CPU threads for torch (default: the free cores, os.cpu_count() minus the 1-minute" in help_text

@@ -17,6 +17,7 @@ FLOORS = {
     "loss": 0,
     "model": 1,
     "memory": 1,
+    "threads": 0,
     "search": 2,
     "distances": 2,
     "data": 3,

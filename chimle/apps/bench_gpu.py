@@ -61,6 +61,7 @@ from ..loss import level_targets
 from ..memory import default_budget, keep_freed_host_memory, parse_bytes
 from ..model import TowerConfig, TowerModel
 from ..resample import resize
+from ..threads import add_threads_argument, use_threads
 from ..training.step import optimize_step, param_groups
 from . import bench_speed
 
@@ -836,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--distance", choices=["vgg", "alex"], help="LPIPS network (default vgg; on a CPU with --quick: alex)"
     )
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    add_threads_argument(p)
     p.add_argument("--json", help="write every figure to this JSON file")
     a = p.parse_args(argv)
     device = torch.device(
@@ -845,10 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = sorted(set(a.only.split(",")) - set(CHECKS))
     if bad:
         p.error(f"unknown check {bad[0]!r}: --only takes {','.join(CHECKS)}")
-    threads = torch.get_num_threads()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
+    with use_threads(a.threads):
         result = run(
             device,
             quick=a.quick,
@@ -857,8 +855,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_budget=a.memory_budget,
             distance=a.distance or ("alex" if a.quick and device.type == "cpu" else "vgg"),
         )
-    finally:
-        torch.set_num_threads(threads)
     print(format_table(result))
     bad_checks = failed(result)
     print(

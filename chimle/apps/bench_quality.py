@@ -34,6 +34,7 @@ from ..inference.sample import generate
 from ..inference.weights import load_with_task
 from ..rng import Stream, seeded
 from ..search import ABLATIONS
+from ..threads import add_threads_argument, use_threads
 from ..training.config import load_config
 from ..training.trainer import train_or_reuse
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--images", type=int, default=8)
     e.add_argument("--crop", type=int, default=None)
     e.add_argument("--device", default="cpu")
+    add_threads_argument(e)
     e.add_argument(
         "--budgets",
         type=_ints,
@@ -251,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--scale", type=int, default=8)
     a.add_argument("--crop", type=int, default=64)
     a.add_argument("--device", default="cpu")
+    add_threads_argument(a)
     a.add_argument("--samples", type=int, default=6, help="samples per held-out crop")
     a.add_argument("--crops-per-image", type=int, default=8, help="held-out crops per photo")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    with use_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.which == "efficiency":
         run_efficiency(
             args.checkpoint,

@@ -53,6 +53,7 @@ from ..distances.lpips import LPIPS
 from ..inference.sample import generate
 from ..memory import keep_freed_host_memory
 from ..model import TowerConfig, TowerModel
+from ..threads import add_threads_argument, use_threads
 from ..training.step import optimize_step, param_groups
 
 __all__ = ["main", "run", "matmul_peak", "format_table"]
@@ -490,9 +491,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--reps", type=int, help="timed repetitions, the best is kept (default 3; --quick: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--threads", type=int, help="CPU threads for torch (default: torch's); 1 is steadier on a busy machine"
-    )
+    add_threads_argument(p)  # 1 gives the steadiest figures on a busy machine
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd search and training step")
     p.add_argument("--quick", action="store_true", help="tiny preset, few candidates: a < 30 s smoke run")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -524,12 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = sorted(set(a.only.split(",")) - set(BENCHMARKS)) + sorted(set(a.cases.split(",")) - {"sr", "same"})
     if bad:
         raise ValueError(f"unknown benchmark or case {bad[0]!r}: --only takes {','.join(BENCHMARKS)}, --cases sr,same")
-    threads = torch.get_num_threads()
-    if a.threads:
-        # OpenMP workers spin while waiting: with more threads than free cores (other jobs on the machine)
-        # a CPU run slows down by orders of magnitude, and one thread gives steadier figures.
-        torch.set_num_threads(a.threads)
-    try:
+    # OpenMP workers spin while waiting: with more threads than free cores (other jobs on the machine) a CPU
+    # run slows down by orders of magnitude; the default takes the free cores (chimle.threads).
+    with use_threads(a.threads):
         result = run(
             presets,
             device,
@@ -540,8 +536,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             only=a.only.split(","),
             compile=a.compile,
         )
-    finally:
-        torch.set_num_threads(threads)
     result["notes"] += notes
     print(format_table(result["rows"]))
     for note in result["notes"]:

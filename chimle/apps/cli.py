@@ -33,7 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..threads import add_threads_argument, use_threads  # torch-free: imports torch when a count is set
+
 __all__ = ["main"]
+
+COMPUTING = ("train", "sample", "eval", "demo")  # the commands of this parser that take --threads
 
 
 class _LibraryNames:
@@ -90,6 +94,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    add_threads_argument(p)
 
 
 def _train_base(a) -> dict:
@@ -294,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--project", action="store_true", help="sr: back-project samples onto the input (post-processing, off)"
     )
     p.add_argument("--device", default="cpu")
+    add_threads_argument(p)
 
     p = sub.add_parser("export", help="training checkpoint -> safetensors weights with their config")
     p.add_argument("checkpoint")
@@ -311,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.pt (after Ctrl-C)")
+    add_threads_argument(p)
 
     p = sub.add_parser("eval", help="the papers' metrics on held-out images")
     p.add_argument("checkpoint")
@@ -324,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ivo-runs", type=int, help="IvO runs (default 5, as the papers; 0 = skip IvO, slow on a CPU)")
     p.add_argument("--ivo-steps", type=int, help="Adam steps per IvO run (default 200)")
     p.add_argument("--ivo-images", type=int, help="images used for IvO (default: all)")
+    add_threads_argument(p)
 
     sub.add_parser("presets", help="print the model presets' parameter counts")
     sub.add_parser("models", help="list the models a name loads (shipped, and yours in ~/.cache/chimle/weights)")
@@ -375,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             from .explore import main as explore_main  # FastAPI is imported only here
 
             return explore_main(rest)
+        if a.command in COMPUTING:
+            with use_threads(a.threads):
+                return commands[a.command](a)
         return commands[a.command](a)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         if os.environ.get("CHIMLE_DEBUG"):

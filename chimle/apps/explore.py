@@ -63,6 +63,7 @@ from ..inference.weights import load_with_task
 from ..latent import Codes
 from ..model import TowerConfig, TowerModel
 from ..rng import seeded
+from ..threads import add_threads_argument, set_threads
 
 __all__ = ["main", "build_app", "Explorer", "demo_model", "DEFAULT_MODEL"]
 
@@ -652,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-pixels", type=int, default=1 << 20, help="largest output, in pixels (default 1 MP)")
     p.add_argument("--max-upload-mb", type=float, default=50.0)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    add_threads_argument(p)
     return p
 
 
@@ -668,8 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        set_threads(a.threads)  # the server's whole life: nothing to restore
         if a.demo:
             model, task = demo_model()
             name = "demo: random-init tiny 8x SR tower (untrained)"

@@ -54,6 +54,7 @@ from ..evaluation.efficiency import level_diagnostics, sample_efficiency
 from ..evaluation.evaluate import evaluate
 from ..inference.weights import load_with_task
 from ..search import level_costs, search_cost
+from ..threads import add_threads_argument, use_threads
 from ..training.config import load_config
 from ..training.trainer import Trainer, train_or_reuse
 from . import bench_quality, mnist
@@ -707,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="reuse finished parts and resume unfinished runs")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--mnist", help="MNIST digits for the mnist part (default: as `chimle mnist` finds them)")
+    add_threads_argument(p)
     a = p.parse_args(argv)
     parts = tuple(x for x in a.parts.split(",") if x)
     if unknown := [x for x in parts if x not in PARTS]:
@@ -718,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if a.mnist:
         os.environ["CHIMLE_MNIST"] = a.mnist  # where `chimle mnist` looks first
-    run(a.out, QUICK if a.quick else FULL, parts, resume=a.resume, quick=a.quick)
+    with use_threads(a.threads):
+        run(a.out, QUICK if a.quick else FULL, parts, resume=a.resume, quick=a.quick)
     print(f"report: {Path(a.out) / 'report.md'} and report.html")
     return 0
 
