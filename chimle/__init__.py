@@ -7,6 +7,8 @@ training, sampling and the papers' metrics.
     model = chimle.TowerModel(chimle.TowerConfig.preset("tiny"))
     codes = model.sample_codes(4)
     outs = model(x, codes)                      # one image in [0, 1] per level
+    samples = chimle.sample("sr8-small", "photo.png", num=8, seed=0)   # as `chimle sample`: (8, 3, H, W)
+    chimle.save_image(samples[0], "sample_0.png")
     codes, dists = chimle.search.hierarchical(model, x, y, chimle.LPIPS("alex"), [20, 10, 5])
 
 The package is built in floors, each importing only the ones below it:
@@ -25,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and editors
     from . import latent, search
+    from .data.imageio import save_image
     from .distances.lpips import LPIPS
+    from .inference.files import sample_image as sample
     from .inference.weights import load
     from .model import TowerConfig, TowerModel
 
 __version__ = "0.1.0"
-__all__ = ["TowerConfig", "TowerModel", "LPIPS", "latent", "search", "load", "__version__"]
+__all__ = ["TowerConfig", "TowerModel", "LPIPS", "latent", "search", "load", "__version__", "sample", "save_image"]
 
 # The names load on first use (PEP 562): `import chimle` alone, and the `chimle` command's parser, which
 # imports this package first, do not import torch (a few seconds); `chimle --help` answers at once.
@@ -39,12 +43,15 @@ _LAZY = {
     "TowerModel": ".model",
     "LPIPS": ".distances.lpips",
     "load": ".inference.weights",
+    "sample": ".inference.files:sample_image",
+    "save_image": ".data.imageio",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        module, _, attr = _LAZY[name].partition(":")
+        value = getattr(importlib.import_module(module, __name__), attr or name)
     elif name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     else:  # a submodule: chimle.search, chimle.latent, ...

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from chimle.apps.cli import main
 from chimle.data.imageio import load_image, save_image
@@ -246,3 +247,64 @@ def test_every_computing_command_takes_threads(command, capsys):
     assert e.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--threads N CPU threads for torch (default: the free cores, os.cpu_count() minus the 1-minute" in help_text
+
+
+@pytest.fixture(scope="module")
+def photo_crop(tmp_path_factory, photos):
+    """A small real photo crop (odd size) written as a PNG."""
+    path = tmp_path_factory.mktemp("crop") / "crop.png"
+    save_image(photos[0][:, 40:61, 50:75], path)
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["sr8-small", "colorize-small"])
+def test_chimle_sample_gives_the_pixels_chimle_sample_writes(name, photo_crop, tmp_path):
+    import chimle
+    from chimle.data.imageio import to_uint8
+
+    assert main(["sample", name, str(photo_crop), "--num", "3", "--seed", "7", "--out", str(tmp_path)]) == 0
+    written = torch.stack([load_image(tmp_path / f"crop_{k:03d}.png") for k in range(3)])
+    img = load_image(photo_crop)
+    scale = 8 if name == "sr8-small" else 1
+    for image in (photo_crop, str(photo_crop), Image.open(photo_crop), img, img[None]):
+        samples = chimle.sample(name, image, num=3, seed=7)
+        assert samples.shape == (3, 3, 21 * scale, 25 * scale) and samples.dtype == torch.float32
+        assert 0 <= float(samples.min()) and float(samples.max()) <= 1
+        assert torch.equal(to_uint8(samples).float() / 255, written)
+    other = chimle.sample(name, img, num=3, seed=8)
+    assert not torch.equal(other, samples)
+    path = chimle.save_image(samples[1], tmp_path / "again.png")
+    assert torch.equal(load_image(path), written[1])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_chimle_sample_takes_a_model_and_its_task(photo_crop):
+    import chimle
+    from chimle.inference.weights import load_with_task
+
+    model, task_cfg = load_with_task("colorize-small")
+    by_name = chimle.sample("colorize-small", photo_crop, num=2, seed=1)
+    assert torch.equal(chimle.sample(model, photo_crop, num=2, seed=1, task=task_cfg), by_name)
+    assert torch.equal(chimle.sample(model, photo_crop, num=2, seed=1, task="colorize"), by_name)
+    sr = chimle.load("sr8-small")  # no task: the image is the input (as sr's own task takes it)
+    assert torch.equal(chimle.sample(sr, photo_crop, num=2, seed=1), chimle.sample("sr8-small", photo_crop, 2, 1))
+    with pytest.raises(ValueError, match="input must be"):
+        chimle.sample(model, photo_crop, num=1)  # no task: an RGB photo is no input of a colourisation tower
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.linspace(0, 2, 192).view(3, 8, 8), "an image tensor holds values in [0, 1], got [0, 2]"),
+        (torch.full((3, 8, 8), float("nan")), "an image tensor holds values in [0, 1], got [nan, nan]"),
+        (torch.zeros(2, 3, 8, 8), "an image tensor is (3, H, W) or (1, 3, H, W) (grey: 1 channel), got (2, 3, 8, 8)"),
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), "an image tensor holds floats in [0, 1], got torch.uint8"),
+    ],
+)
+def test_chimle_sample_refuses_bad_pixels_in_one_line(image, message):
+    import chimle
+
+    with pytest.raises(ValueError) as e:
+        chimle.sample("sr8-small", image, num=1)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)

@@ -1,6 +1,7 @@
-"""Files in, PNGs out: `chimle sample` on an image or a folder of images.
+"""Files in, PNGs out: `chimle sample` on an image or a folder of images; `chimle.sample` in Python.
 
     sample_paths("runs/demo/checkpoints/last.pt", "photo.png", num=8, out="samples/")
+    samples = sample_image("sr8-small", "photo.png", num=8, seed=0)   # the same pixels, as a tensor
 
 Inputs of any size are padded (reflect) to what the tower needs and the outputs cropped back.
 
@@ -24,11 +25,13 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import latent
 from ..data.imageio import IMAGE_EXTENSIONS, atomic_write, list_images, load_image, save_image, to_uint8
+from ..data.imageio import _to_float_rgb as pil_to_tensor  # load_image's mode mapping, for PIL images in memory
 from ..data.tasks import Task, make_task
 from ..memory import available_memory, bytes_per_row, default_budget, parse_bytes
 from ..model import TowerModel
@@ -39,7 +42,7 @@ from .sample import back_project, eval_mode, generate, interpolate, redraw_from
 from .tiling import auto_tile, pad_to_tower, tiled_bands
 from .weights import load_with_task
 
-__all__ = ["sample_paths", "write_png_rows", "tile_plan"]
+__all__ = ["sample_paths", "sample_image", "model_input", "write_png_rows", "tile_plan"]
 
 PREVIEW_SIDE = 1024  # the longest side of a streamed sample's preview in its grid (px)
 
@@ -97,18 +100,7 @@ def sample_paths(
     g = torch.Generator(device=model.device).manual_seed(seed)
     written: list[Path] = []
     for p in tqdm(paths, desc="sample", disable=not progress or len(paths) < 2):
-        target = None
-        if degrade:
-            img = load_image(p)
-            if task is None or task.paired:
-                raise ValueError("--degrade needs a task that makes inputs from photos (sr, colorize, jpeg, night)")
-            target = img
-            if task.name == "sr":  # crop so the target divides by the scale
-                h, w = (s - s % task.scale for s in img.shape[-2:])
-                target = img[:, :h, :w]
-            x = task.degrade(target, seed)
-        else:  # the file is the input: an image, or a scene layout's label map
-            x = load_image(p) if task is None else task.read_input(p)
+        x, target = model_input(p, task, degrade, seed)
         x, (h, w) = pad_to_tower(x[None], model)
         if same_code:  # the same draws for every input: sample k shares its code across the inputs
             g = torch.Generator(device=model.device).manual_seed(seed)
@@ -140,6 +132,104 @@ def sample_paths(
         save_grid(grid_path, shown_x, samples, None if target is None else target[None], task=task)
         written.append(grid_path)
     return written
+
+
+def model_input(
+    image: str | Path | Image.Image | Tensor, task: Task | None, degrade: bool = False, seed: int = 0
+) -> tuple[Tensor, Tensor | None]:
+    """An image -> (the model's input (C, h, w), the target or None), as `chimle sample` makes them.
+
+    image: a file, a PIL image or an RGB tensor (3, H, W) or (1, 3, H, W) in [0, 1] (grey: 1 channel).
+    degrade=False: the image is the input (`task.read_input` of a file, `task.prepare_input` of pixels:
+    colorize keeps the lightness; a scene layout's label map must be a file). degrade=True: the image is
+    the target and the task makes the input from it (sr crops it to a multiple of its scale first)."""
+    if isinstance(image, (str, Path)):
+        if not degrade and task is not None:
+            return task.read_input(image), None
+        img = load_image(image)
+    else:
+        img = _pixels(image)
+    if not degrade:
+        return (img if task is None else task.prepare_input(img)), None
+    if task is None or task.paired:
+        raise ValueError("--degrade needs a task that makes inputs from photos (sr, colorize, jpeg, night)")
+    target = img
+    if task.name == "sr":  # crop so the target divides by the scale
+        h, w = (s - s % task.scale for s in img.shape[-2:])
+        target = img[:, :h, :w]
+    return task.degrade(target, seed), target
+
+
+def _pixels(image: Image.Image | Tensor) -> Tensor:
+    """A PIL image or a tensor -> (3, H, W) float32 in [0, 1], checked; PIL modes as `load_image` maps them."""
+    if isinstance(image, Image.Image):
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - as load_image: a malformed EXIF block does not spoil the pixels
+            pass
+        return pil_to_tensor(image)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"an image is a path, a PIL image or a tensor, not {type(image).__name__}")
+    x = image.detach()
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"an image tensor is (3, H, W) or (1, 3, H, W) (grey: 1 channel), got {tuple(image.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"an image tensor holds floats in [0, 1], got {x.dtype} (divide 8-bit pixels by 255)")
+    if x.numel() and not (x.min() >= 0 and x.max() <= 1):  # NaN fails too
+        raise ValueError(f"an image tensor holds values in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+    return x.float().cpu().expand(3, -1, -1).contiguous()
+
+
+def sample_image(
+    model: TowerModel | str | Path,
+    image: str | Path | Image.Image | Tensor,
+    num: int = 8,
+    seed: int = 0,
+    *,
+    task: Task | str | dict | None = None,
+    degrade: bool = False,
+    from_level: int | None = None,
+    tile: int | str | None = None,
+    overlap: int | None = None,
+    memory_budget: int | str | None = None,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """`num` samples of one image, the ones `chimle sample` writes for the same seed: (num, 3, H', W') in
+    [0, 1] on the CPU (`chimle.sample`).
+
+        import chimle
+        samples = chimle.sample("sr8-small", "photo.png", num=4, seed=0)     # 8x the photo's size
+        chimle.save_image(samples[0], "photo_0.png")
+
+    model: a shipped name, a weights file or training checkpoint (their task comes with them), or a
+    TowerModel (then `task`: a Task, a task name or a task config dict; None: the image is the input and
+    the outputs are returned as the tower makes them). image: a path, a PIL image or an RGB tensor (3, H, W)
+    or (1, 3, H, W) in [0, 1]; the task makes the input from it as `chimle sample` does (`model_input`;
+    degrade=True as `--degrade`). Any size: padded to what the tower needs, the outputs cropped back. A
+    large image is tiled as `chimle sample` tiles it (`tile_plan`, with a warning when not asked for)."""
+    if isinstance(model, (str, Path)):
+        model, task_cfg = load_with_task(model, device or "cpu")
+        if task is None and task_cfg:
+            task = make_task(**task_cfg)
+    elif not isinstance(model, TowerModel):
+        raise TypeError(f"model is a TowerModel, a model's name or a weights file, not {type(model).__name__}")
+    elif device is not None:
+        model = model.to(device)
+    if isinstance(task, str):
+        task = make_task(task)
+    elif isinstance(task, dict):
+        task = make_task(**task)
+    x, _ = model_input(image, task, degrade, seed)
+    x, (h, w) = pad_to_tower(x[None], model)
+    side, note = tile_plan(model, tuple(x.shape[-2:]), tile, memory_budget)
+    if note:
+        warnings.warn(f"the image {note}", stacklevel=2)
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=overlap)
+    s = model.cfg.scale
+    return samples[:, 0, :, : h * s, : w * s].cpu()
 
 
 def _sample_streamed(
