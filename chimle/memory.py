@@ -32,8 +32,8 @@ def keep_freed_host_memory() -> bool:
 
     A step on the CPU frees and re-allocates the same megabyte-sized activations every time. glibc
     returns blocks above its mmap threshold, and the heap's free top beyond its trim threshold, to the
-    kernel on free, so the next step page-faults them in again: 9,700-17,000 faults and 23-50 ms of kernel
-    time per training step of the small preset (`benchmarks/train_step.py`). Raising both thresholds
+    kernel on free, so the next step page-faults them in again, thousands of faults per training step
+    (`benchmarks/train_step.py` counts them; docs/measurements.md has the figures). Raising both thresholds
     (mmap to glibc's maximum, 32 MiB) keeps such blocks in the process, as CUDA's caching allocator
     does on a GPU; the resident size then stays near its peak until the process exits. Process-wide,
     so the commands call it (`chimle.apps.cli.main`), not the library. False where it does not apply

@@ -4,14 +4,11 @@ opt = torch.optim.Adam(param_groups(model, lr=1e-4, mapping_lr_mult=0.01))
 losses = optimize_step(model, opt, x, y, codes, distance, to_rgb=task.rgb, loss_scale=1 / batch)
 losses = optimize_step(model, opt, x, None, codes, distance, targets=pool.loss_targets(rows, sizes, distance, dev))
 
-What a step costs, and what was cut (`benchmarks/train_step.py` measures it; small preset, batch 4, 8 ->
-64 px, LPIPS-VGG, one CPU thread: 820 -> 660 ms, 59.2 -> 46.0 GFLOP): the tower's forward and backward
-and LPIPS-VGG's forward and backward on the three outputs are the work, and run at 82-86% of the
-machine's float32 matmul rate. Cut: LPIPS-VGG on the targets (a fifth of the step), which do not change
-during a round (`Pool.loss_targets` embeds each pool entry once per round); Adam's per-parameter loop
-over the ~350 tensors of a tower (fused kernel: 16 -> 7 ms); the tower's NCHW layout on the CPU
-(channels-last: 3-5%). Measured and kept: weight norm (each weight-normalised conv weight is computed
-once per forward already; 10 ms with its backward).
+A step is the tower's forward and backward, the distance's forward and backward on every level's output,
+and Adam. What is not repeated: the targets' distance features, which do not change during a round
+(`Pool.loss_targets` embeds each pool entry once per round); Adam runs as one fused kernel rather than a
+loop over the ~350 tensors of a tower. `benchmarks/train_step.py` measures a step and its parts; the
+figures are in docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -35,8 +32,7 @@ def param_groups(model: TowerModel, lr: float, mapping_lr_mult: float) -> list[d
 
     The groups ask for Adam's fused kernel where this torch has one for the model's device: the
     default loops over the ~350 tensors of a tower (weight norm splits every conv weight in two), a
-    few small kernels each; fused, it takes a quarter to a half of the time (small preset on a CPU:
-    16-33 -> 7-9 ms). The same update up to float rounding."""
+    few small kernels each, and fused it takes a fraction of that. The same update up to float rounding."""
     mapping = {id(p) for p in model.mapping_parameters()}
     fused = {"fused": True} if _fused_adam(next(model.parameters()).device) else {}
     return [
@@ -78,8 +74,8 @@ def optimize_step(
     """
     cuda = x.device.type == "cuda"
     # Channels-last activations: cuDNN's bf16 kernels prefer them, and oneDNN runs the tower's narrow
-    # convolutions 3-5% faster on them too (small and tiny presets, both layouts; measured with
-    # benchmarks/train_step.py). Conv outputs and their gradients inherit the layout from the input.
+    # convolutions a little faster on them too (benchmarks/train_step.py). Conv outputs and their
+    # gradients inherit the layout from the input.
     x = x.contiguous(memory_format=torch.channels_last)
     codes = latent.channels_last(codes)
     if cuda and amp:
@@ -90,7 +86,7 @@ def optimize_step(
         autocast = contextlib.nullcontext()
     with autocast:
         outs = model(x, codes)
-    if not cuda:  # but oneDNN runs LPIPS's VGG ~25% slower on channels-last: hand it the usual layout
+    if not cuda:  # but oneDNN runs LPIPS's VGG slower on channels-last: hand it the usual layout
         outs = [o.contiguous() for o in outs]
     losses = level_losses(outs, x, y, distance, to_rgb, pixel_weight, targets=targets)  # (n, L)
     opt.zero_grad(set_to_none=True)
