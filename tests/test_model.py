@@ -143,8 +143,30 @@ def test_config_validation():
 
 
 def test_public_api_names():
-    assert chimle.TowerModel is TowerModel
-    assert callable(chimle.search.hierarchical) and callable(chimle.search.flat)
+    """Every name `chimle` exports is the object its home module defines, and nothing else is exported
+    by accident (a lazy table pointing at the wrong module or name fails here)."""
+    import importlib
+
+    from chimle.data.imageio import save_image
+    from chimle.distances.lpips import LPIPS
+    from chimle.inference import weights
+
+    homes = {
+        "TowerConfig": TowerModel.__module__,
+        "TowerModel": TowerModel.__module__,
+        "LPIPS": LPIPS.__module__,
+        "load": weights.__name__,
+        "save_pretrained": weights.__name__,
+        "from_pretrained": weights.__name__,
+        "save_image": save_image.__module__,
+    }
+    for name, module in homes.items():
+        assert getattr(chimle, name) is getattr(importlib.import_module(module), name), name
+    assert chimle.search is importlib.import_module("chimle.search")
+    assert chimle.latent is importlib.import_module("chimle.latent")
+    assert chimle.sample.__module__ == "chimle.inference.files" and chimle.sample.__name__ == "sample_image"
+    assert set(chimle.__all__) >= set(homes) | {"search", "latent", "sample", "__version__"}
+    assert all(hasattr(chimle, n) for n in chimle.__all__)
 
 
 def test_recorded_norm_stats_reproduce_forward():
