@@ -305,6 +305,55 @@ def test_bundled_examples(explorer):
     from chimle.apps.explore import BadRequest
 
     got = explorer.add_example("astronaut", True)
-    assert (got["width"], got["height"]) == (256, 256) and got["target_png"]  # centre 256 px, degraded 4x
+    # centre 256 px, degraded 4x, scaled to fit the 40,000 px of this explorer's --max-pixels
+    assert (got["width"], got["height"]) == (200, 200) and got["target_png"] and "scaled to 200x200" in got["message"]
     with pytest.raises(BadRequest, match="no example 'moon'"):
         explorer.add_example("moon", True)
+
+
+def test_fields_are_named_when_empty_or_out_of_range(explorer, photos):
+    """Issue 28: an empty seed field (null in JSON) was an internal TypeError, a negative one named no field."""
+    from chimle.apps.explore import BadRequest
+
+    got = explorer.add_example("astronaut", True)
+    for seed, msg in [
+        (None, "seed is empty: enter a whole number in 0..4294967295"),
+        (-3, "seed must be in 0..4294967295, got -3"),
+        (1.5, "seed must be a whole number"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            explorer.sample(got["input"], num=1, seed=seed)
+        assert str(err.value).startswith(msg), str(err.value)
+    with pytest.raises(BadRequest, match="^k is empty"):
+        explorer.guided(got["input"], hint="x", k=None)
+
+
+def test_a_photo_too_large_is_scaled_when_degraded_and_reproduces(explorer, sr, photos, tmp_path):
+    """Degraded, a photo over --max-pixels is scaled to fit (it was refused); the code's meta records the size,
+    and `sample_with_code` scales the same file the same way, so the page's PNG comes back bit for bit."""
+    from chimle.apps.explore import BadRequest
+
+    model, task = sr
+    rgb = (photos[0][:, :300, :250].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # 75,000 px > 40,000
+    with pytest.raises(BadRequest, match="tick 'degrade it first'"):
+        explorer.add_input("big.png", False, _png(rgb))
+    got = explorer.add_input("big.png", True, _png(rgb))
+    assert "250x300 scaled to 182x219 to fit the server's 0.0 MP" in got["message"], got["message"]
+    assert (got["width"], got["height"]) == (180, 216)  # cropped to a multiple of the scale
+    item = explorer.sample(got["input"], num=1, seed=3)["items"][0]["id"]
+    code, meta = ex.load_code(io.BytesIO(explorer.item_npz(item)))
+    assert meta["resize"] == [219, 182]
+    torch.save(
+        {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "task_config": task.config(), "step": 0},
+        tmp_path / "last.pt",
+    )
+    w = weights_io.export(tmp_path / "last.pt", tmp_path / "w.safetensors")
+    (tmp_path / "big.png").write_bytes(_png(rgb))
+    (tmp_path / "code.npz").write_bytes(explorer.item_npz(item))
+    out = ex.sample_with_code(w, tmp_path / "big.png", tmp_path / "code.npz", tmp_path / "out")
+    assert Image.open(out).tobytes() == Image.open(io.BytesIO(explorer.item_png(item))).tobytes()
+
+
+def test_examples_follow_degrade(explorer):
+    got = explorer.add_example("astronaut", False)  # as it is: the input, scaled so that 4x outputs fit 40,000 px
+    assert "scaled to 50x50" in got["message"] and got["target_png"] is None and got["width"] == 200

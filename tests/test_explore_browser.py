@@ -137,6 +137,10 @@ def files(tmp_path_factory, photo_dir):
     Image.fromarray(grey16).save(d / "cat_grey16.png")
     assert Image.open(d / "cat_grey16.png").mode.startswith("I")
     (d / "notes.png").write_text("not an image, whatever the name says\n")
+    # 200x160: as it is, outputs of 2.0 MP, over the server's 1 MP (--max-pixels); degraded, 200x160 outputs
+    Image.fromarray(cat[:160, :200]).save(d / "small.png")
+    # a photo of 1400x1000 (1.4 MP): over the limit even degraded, so the server scales it to fit
+    Image.fromarray(cat).resize((1400, 1000), Image.BICUBIC).save(d / "photo.jpg", quality=85)
     return d
 
 
@@ -272,6 +276,74 @@ def test_explore_in_a_browser(browser, server, files, weights, tmp_path):
     assert not outside, f"the page reached outside the local server: {outside}"
     assert len(requests) > 20  # the recording did see the page's own requests
     print(f"browser session {took:.1f} s, {len(requests)} requests, all to {host}")
+
+
+@pytest.fixture()
+def fresh(browser, server):
+    """A new page on the server, its model info loaded."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server)
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('levels')")
+    yield page
+    page.close()
+
+
+def _wait_message(page, text: str) -> str:
+    page.wait_for_function(f"document.getElementById('message').textContent.includes({text!r})")
+    return page.inner_text("#message")
+
+
+# The bugs of issue 28, each as a new user met it.
+
+
+def test_bug_empty_or_negative_seed_names_the_field(fresh):
+    page = fresh
+    page.click("#load-example")
+    _wait_message(page, "-> outputs")
+    page.get_by_label("seed", exact=True).fill("")  # was: "internal error: TypeError: int() argument must be..."
+    page.click("#sample")
+    page.wait_for_selector("#message.error")
+    assert page.inner_text("#message").startswith("seed is empty"), page.inner_text("#message")
+    page.get_by_label("seed", exact=True).fill("-3")  # was: "expected non-negative integer", no field named
+    page.click("#sample")
+    assert _wait_message(page, "-3") == "seed must be in 0..4294967295, got -3"
+
+
+def test_bug_too_large_advice_can_be_followed(fresh, files):
+    page = fresh
+    degrade = page.get_by_label("degrade it first")
+    degrade.uncheck()
+    page.set_input_files("#file", str(files / "small.png"))
+    page.wait_for_selector("#message.error")
+    msg = page.inner_text("#message")
+    assert "over the limit of 1.0 MP (--max-pixels)" in msg and "tick 'degrade it first'" in msg, msg
+    degrade.check()  # no new choice of file (was: no request, the old error stayed): sent again, degraded
+    assert "input 'small.png': 25x20 -> outputs 200x160" in _wait_message(page, "-> outputs")
+    assert page.is_visible("#target-img") and not page.is_visible("#message.error")
+
+
+def test_bug_large_photo_degraded_is_scaled_to_fit(fresh, files):
+    page = fresh
+    page.get_by_label("degrade it first").check()
+    page.set_input_files("#file", str(files / "photo.jpg"))  # was: "89.6 MP, over the limit of 1.0 MP"
+    got = _wait_message(page, "photo.jpg")
+    assert "1400x1000 scaled to 1211x865 to fit the server's 1.0 MP" in got and "-> outputs 1208x864" in got, got
+
+
+def test_bug_examples_follow_degrade(fresh):
+    page = fresh
+    degrade = page.get_by_label("degrade it first")
+    ticked = degrade.is_checked()
+    degrade.uncheck()  # was: the examples were degraded whatever the box said
+    page.select_option("#example", "astronaut")
+    page.click("#load-example")
+    got = _wait_message(page, "astronaut")
+    assert "scaled to 128x128" in got and "-> outputs 1024x1024" in got and not page.is_visible("#target-img"), got
+    degrade.check()  # read again, degraded: the real image beside it
+    got = _wait_message(page, "-> outputs 256x256")
+    assert "32x32 -> outputs 256x256" in got and page.is_visible("#target-img"), got
+    assert ticked  # ticked from the start for a super-resolution model (the examples were always degraded)
 
 
 def _data_url(url: str) -> bytes:

@@ -62,6 +62,7 @@ from ..inference import explore as ex
 from ..inference.weights import load_with_task
 from ..latent import Codes
 from ..model import TowerConfig, TowerModel
+from ..resample import resize
 from ..rng import seeded
 from ..threads import add_threads_argument, set_threads
 
@@ -74,6 +75,10 @@ STATIC = ("explore.html", "explore.js", "explore.css")
 # for a long session on the page, little enough to stay in memory.
 MAX_ITEMS = 512
 MAX_INPUTS = 16
+MAX_SEED = 2**32 - 1
+# An upload is decoded (then scaled to fit --max-pixels when degraded) only up to this size: a phone's 12-50 MP
+# photo passes, a decompression bomb does not.
+MAX_DECODE = 100_000_000
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Entry:
     inp: ex.Input
     shown: Tensor  # (3, h, w): the input as a picture
     reference: Tensor | None = None
+    resize: tuple[int, int] | None = None  # the photo was scaled to this (h, w) to fit --max-pixels
 
 
 class BadRequest(ValueError):
@@ -219,12 +225,28 @@ class Explorer:
         h, w = img.shape[-2:]
         s = min(256, h, w)
         img = img[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-        return self._register(img, name, degrade and self.info()["can_degrade"], "(example, centre 256 px)")
+        if degrade and not self.info()["can_degrade"]:
+            raise BadRequest(
+                f"this model's task ({self._task_name()}) cannot make inputs from photos: untick 'degrade'"
+            )
+        # The example as it is (not degraded) is the input: scaled so that its outputs fit --max-pixels.
+        fit = self._fit(s, s, degrade)
+        note = "(example, centre 256 px" + (f", scaled to {fit[1]}x{fit[0]} to fit --max-pixels)" if fit else ")")
+        return self._register(resize(img, fit) if fit else img, name, degrade, note, fit)
+
+    def _task_name(self) -> str:
+        return self.task.name if self.task is not None else "none"
+
+    def _fit(self, h: int, w: int, degrade: bool) -> tuple[int, int] | None:
+        """The size to scale an image of h x w to so that its outputs stay within --max-pixels (None: it fits).
+        Degraded, the photo is the output; otherwise the outputs are `scale` times the input's side."""
+        s = 1 if degrade else self.model.cfg.scale
+        fh, fw = ex.fit_size(h, w, self.max_pixels // (s * s))
+        return None if (fh, fw) == (h, w) else (fh, fw)
 
     def _input_from(self, path: Path, name: str, degrade: bool) -> dict:
         from PIL import Image
 
-        note = ""
         try:  # the header alone: refuse a huge image before decoding it
             with Image.open(path) as im:
                 (w, h), mode = im.size, im.mode
@@ -233,21 +255,30 @@ class Explorer:
             raise
         s = self.model.cfg.scale
         out_px = h * w if degrade else h * w * s * s
-        if out_px > self.max_pixels:
-            hint = " (tick 'degrade it first' for a full-resolution photo)" if not degrade and s > 1 else ""
+        if h * w > MAX_DECODE:
+            raise BadRequest(
+                f"'{name}' is too large to read: {w}x{h} ({h * w / 1e6:.0f} MP; at most {MAX_DECODE / 1e6:.0f} MP)"
+            )
+        fit = self._fit(h, w, degrade) if degrade else None
+        if out_px > self.max_pixels and not degrade:
+            # Degraded, a full-resolution photo is scaled to fit (below); as it is, the image is the input and
+            # scaling it would change what the user asked for: say what to do instead.
+            hint = " (tick 'degrade it first' to treat it as a full-resolution photo, scaled to fit)" if s > 1 else ""
             raise BadRequest(
                 f"'{name}' is too large: {w}x{h} gives outputs of {out_px / 1e6:.1f} MP, over the "
                 f"limit of {self.max_pixels / 1e6:.1f} MP (--max-pixels){hint}"
             )
-        if mode != "RGB":
-            note = f"({mode} converted to RGB)"
+        notes = [f"{mode} converted to RGB"] if mode != "RGB" else []
         img = load_image(path)
-        return self._register(img, name, degrade, note)
+        if fit:
+            notes.append(f"{w}x{h} scaled to {fit[1]}x{fit[0]} to fit the server's {self.max_pixels / 1e6:.1f} MP")
+            img = resize(img, fit)
+        return self._register(img, name, degrade, f"({'; '.join(notes)})" if notes else "", fit)
 
-    def _register(self, img: Tensor, name: str, degrade: bool, note: str) -> dict:
+    def _register(self, img: Tensor, name: str, degrade: bool, note: str, fit: tuple[int, int] | None = None) -> dict:
         inp = ex.prepare(self.model, self.task, img, degrade)
         shown = self.task.show_input(inp.x[0]) if self.task is not None else inp.x[0][:3]
-        entry = Entry(self._id("i"), name, inp, shown[..., : inp.hw[0], : inp.hw[1]].clamp(0, 1))
+        entry = Entry(self._id("i"), name, inp, shown[..., : inp.hw[0], : inp.hw[1]].clamp(0, 1), resize=fit)
         self.inputs[entry.id] = entry
         while len(self.inputs) > MAX_INPUTS:
             self.inputs.popitem(last=False)
@@ -275,7 +306,7 @@ class Explorer:
     def sample(self, input: str | None = None, num: int = 8, seed: int = 0) -> dict:
         e = self._entry(input)
         num = _bounded("num", num, 1, 64)
-        g = seeded(int(seed), device=self.model.device)
+        g = seeded(_seed(seed), device=self.model.device)
         t = time.perf_counter()
         images, codes = ex.draw_samples(self.model, e.inp.x, num, g, task=self.task)
         images = e.inp.crop(images)
@@ -288,7 +319,7 @@ class Explorer:
         e = self._entry(it.input)
         level = _bounded("level", level, 1, self.model.cfg.levels)
         num = _bounded("num", num, 1, 64)
-        g = seeded(int(seed), device=self.model.device)
+        g = seeded(_seed(seed), device=self.model.device)
         t = time.perf_counter()
         images, codes = ex.vary(self.model, e.inp.x, it.codes, level, num, g, task=self.task)
         images = e.inp.crop(images)
@@ -336,8 +367,6 @@ class Explorer:
             raise BadRequest(f"bad image '{safe}': {err.problem}") from None
         finally:
             path.unlink(missing_ok=True)
-        from ..resample import resize
-
         e.reference = resize(img[None], e.inp.output_hw)
         return {"reference": e.id, "message": f"reference '{safe}' ({w}x{h}) resized to the outputs' size"}
 
@@ -355,6 +384,7 @@ class Explorer:
         """The guided search on a painted hint (a PNG data URL, transparent where nothing was painted, at
         the outputs' size) or on the input's reference image; compared with the plain samples `compare`."""
         e = self._entry(input)
+        seed = _seed(seed)
         k = _bounded("k", k, 1, 16)
         refine_steps = _bounded("refine_steps", refine_steps, 0, 200)
         L = self.model.cfg.levels
@@ -419,7 +449,9 @@ class Explorer:
         it = self._item(key)
         e = self._entry(it.input)
         buf = io.BytesIO()
-        ex.save_code(buf, it.codes, ex.code_meta(self.model, self.task, e.inp, input_name=e.name, label=it.label))
+        extra = {"resize": list(e.resize)} if e.resize else {}
+        meta = ex.code_meta(self.model, self.task, e.inp, input_name=e.name, label=it.label, **extra)
+        ex.save_code(buf, it.codes, meta)
         return buf.getvalue()
 
     def _answer(self, items: list[Item], message: str) -> dict:
@@ -439,13 +471,23 @@ class Explorer:
 
 
 def _bounded(name: str, value: Any, lo: int, hi: int) -> int:
+    """A whole number in lo..hi, or a one-line BadRequest that names the field (an empty field on the
+    page arrives as null: JSON has no NaN)."""
+    if value is None or value == "":
+        raise BadRequest(f"{name} is empty: enter a whole number in {lo}..{hi}")
     try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
         v = int(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{name} must be a whole number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"{name} must be a whole number in {lo}..{hi}, got {value!r}") from None
     if not lo <= v <= hi:
         raise BadRequest(f"{name} must be in {lo}..{hi}, got {v}")
     return v
+
+
+def _seed(value: Any) -> int:
+    return _bounded("seed", value, 0, MAX_SEED)
 
 
 def _decode_hint(data_url: str | None, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:

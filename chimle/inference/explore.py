@@ -46,6 +46,7 @@ from .weights import load_with_task
 __all__ = [
     "Input",
     "Found",
+    "fit_size",
     "prepare",
     "render",
     "draw_samples",
@@ -98,6 +99,16 @@ class Input:
         h, w = self.output_hw
         ph, pw = self.x.shape[-2] * self.scale - h, self.x.shape[-1] * self.scale - w
         return torch.nn.functional.pad(image, (0, pw, 0, ph)) if ph or pw else image
+
+
+def fit_size(h: int, w: int, max_pixels: int) -> tuple[int, int]:
+    """The size (h', w') of the same aspect with h' w' <= max_pixels, (h, w) itself when it fits: how the page
+    scales a photo too large for the server's `--max-pixels`, recorded in the code's meta as `resize` so that
+    `sample_with_code` scales the same file the same way."""
+    if h * w <= max_pixels:
+        return h, w
+    f = math.sqrt(max_pixels / (h * w))
+    return max(1, int(h * f)), max(1, int(w * f))
 
 
 def prepare(model: TowerModel, task: Task | None, image: Tensor, degrade: bool = False, seed: int = 0) -> Input:
@@ -499,7 +510,10 @@ def sample_with_code(
     model, task_cfg = load_with_task(weights, device)
     task = make_task(**task_cfg) if task_cfg else None
     codes, meta = load_code(code)
-    inp = prepare(model, task, load_image(input), bool(meta.get("degrade", False)) if degrade is None else degrade)
+    image = load_image(input)
+    if meta.get("resize"):  # the page scaled the photo to fit its --max-pixels: the same resize here
+        image = resize(image, tuple(meta["resize"]))
+    inp = prepare(model, task, image, bool(meta.get("degrade", False)) if degrade is None else degrade)
     check_code(model, codes, inp.x, f"code '{code}'")
     image = inp.crop(render(model, inp.x, codes, task))[0]
     return save_image(image, Path(out) / f"{Path(input).stem}_{Path(code).stem}.png")

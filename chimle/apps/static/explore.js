@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, input: null, items: {}, a: null, b: null, shown: [], painted: false };
+const state = { info: null, input: null, items: {}, a: null, b: null, shown: [], painted: false, file: null };
 
 function say(text, error = false) {
   const m = $("message");
@@ -52,8 +52,20 @@ async function attempt(fn) {
 const postJSON = (path, body, what) =>
   call(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }, what);
 
+// A whole number from a field, or an error that names the field (an empty field would otherwise reach
+// the server as null: JSON has no NaN).
 function num(id) {
-  return parseInt($(id).value, 10);
+  const el = $(id);
+  const name = el.dataset.name || el.id;
+  const text = el.value.trim();
+  const lo = el.min === "" ? -Infinity : Number(el.min);
+  const hi = el.max === "" ? Infinity : Number(el.max);
+  const range = `${lo}..${hi === Infinity ? "" : hi}`;
+  if (text === "") throw new Error(`${name} is empty: enter a whole number in ${range}`);
+  if (!/^-?\d+$/.test(text)) throw new Error(`${name} must be a whole number in ${range}, got '${text}'`);
+  const v = parseInt(text, 10);
+  if (v < lo || v > hi) throw new Error(`${name} must be in ${range}, got ${v}`);
+  return v;
 }
 
 // -- results ----------------------------------------------------------------------------------
@@ -127,7 +139,12 @@ function setInput(data) {
   clearHint();
 }
 
+// The file is kept: ticking or unticking "degrade it first" reads it again with the new setting (choosing
+// the same file again fires no change event), and the field is emptied so that choosing it again does.
 async function upload(file) {
+  state.file = file;
+  state.example = null;
+  $("file").value = "";
   const q = `name=${encodeURIComponent(file.name)}&degrade=${$("degrade").checked ? 1 : 0}`;
   const data = await attempt(() => call(`api/input?${q}`, { method: "POST", body: file }, "reading the image"));
   if (data) setInput(data);
@@ -186,6 +203,7 @@ async function init() {
   $("model-info").textContent =
     `${info.model} · task ${info.task || "none"} · ${info.levels} levels` + (info.scale > 1 ? ` · x${info.scale}` : "");
   $("degrade").disabled = !info.can_degrade;
+  $("degrade").checked = info.can_degrade; // a photo is a real full-resolution image unless unticked
   $("example").replaceChildren(...info.examples.map((n) => new Option(n, n)));
   const levels = [...Array(info.levels).keys()].map((i) => new Option(`${i + 1}`, `${i + 1}`));
   $("level").replaceChildren(...levels);
@@ -193,10 +211,18 @@ async function init() {
   say("Upload an image (or use an example), then draw samples.");
 
   $("file").addEventListener("change", () => $("file").files[0] && upload($("file").files[0]));
-  $("load-example").addEventListener("click", async () => {
-    const q = `name=${encodeURIComponent($("example").value)}&degrade=${$("degrade").checked || info.can_degrade ? 1 : 0}`;
+  const loadExample = async (name) => {
+    state.file = null;
+    state.example = name;
+    const q = `name=${encodeURIComponent(name)}&degrade=${$("degrade").checked ? 1 : 0}`;
     const data = await attempt(() => call(`api/example?${q}`, { method: "POST" }, "loading the example"));
     if (data) setInput(data);
+  };
+  $("load-example").addEventListener("click", () => loadExample($("example").value));
+  // the input just read (a file or an example) is read again with the new setting
+  $("degrade").addEventListener("change", () => {
+    if (state.file) upload(state.file);
+    else if (state.example) loadExample(state.example);
   });
 
   $("sample").addEventListener("click", () =>
