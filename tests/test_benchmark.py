@@ -1,4 +1,5 @@
-"""Speed benchmark: the naive search agrees with the fast one, and `chimle bench speed --quick` works.
+"""Speed benchmark: `chimle bench speed --quick` works and reports checkable numbers; the search embeds each
+target once per level.
 
 No timing thresholds here: speed targets belong to benchmarks/, not to tests.
 """
@@ -15,37 +16,12 @@ from chimle.apps.cli import main as cli_main
 from chimle.distances.lpips import LPIPS
 from chimle.model import TowerConfig, TowerModel
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small convolutions gain nothing from a second thread, and on a busy machine spinning OpenMP
-    # workers can slow them down a hundredfold: keep this file fast everywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: a second thread only waits
 
 
 @pytest.fixture(scope="module")
 def lpips():
     return LPIPS("alex")
-
-
-@pytest.mark.parametrize("layout,hw", [("upscale", (8, 8)), ("same", (32, 32))])
-def test_naive_and_fast_search_choose_the_same_codes(lpips, layout, hw):
-    torch.manual_seed(0)
-    model = TowerModel(TowerConfig.preset("tiny", layout=layout))
-    x = torch.rand(2, 3, *hw)
-    y = torch.rand(2, 3, *model.cfg.output_sizes(*hw)[-1])
-    counts = [4, 3, 2]
-    # a small budget forces several chunks per level in the fast search
-    fast_codes, fast_d = search.hierarchical(
-        model, x, y, lpips, counts, torch.Generator().manual_seed(1), memory_budget=200_000
-    )
-    naive_codes, naive_d = search.reference_hierarchical(model, x, y, lpips, counts, torch.Generator().manual_seed(1))
-    for a, b in zip(fast_codes, naive_codes, strict=True):
-        assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
-    torch.testing.assert_close(fast_d, naive_d, rtol=1e-4, atol=1e-6)
 
 
 def test_target_features_computed_once_per_level(lpips, monkeypatch):

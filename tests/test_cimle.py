@@ -18,15 +18,7 @@ from chimle.distances.vgg import PixelVGGDistance, VGGFeatureL1Distance, vgg_lay
 from chimle.model import NoiseEncoder, TowerConfig, TowerModel
 from chimle.search import flat
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tests are tiny convolutions: on a loaded 2-core machine, intra-op threads spin and make
-    # them ~30x slower. One thread for this module, restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: a second thread only waits
 
 
 def rand(*shape, seed=0):

@@ -170,3 +170,24 @@ def test_compute_accounting_in_full_forward_equivalents():
     l2_costs = level_costs(model, (8, 8), mse)
     assert all(c.distance == 0 for c in l2_costs)
     assert search_cost(l2_costs, [m] * 3) == pytest.approx(m + prefix * full / sum(c.step for c in l2_costs))
+
+
+@pytest.mark.parametrize("layout,hw", [("upscale", (8, 8)), ("same", (32, 32))])
+def test_hierarchical_with_a_feature_distance_is_the_reference(layout, hw):
+    """LPIPS (targets embedded once per level, candidates in chunks) picks what the plain loop picks."""
+    from chimle.distances.lpips import LPIPS
+
+    lpips = LPIPS("alex")
+    torch.manual_seed(0)
+    model = TowerModel(TowerConfig.preset("tiny", layout=layout))
+    x = torch.rand(2, 3, *hw)
+    y = torch.rand(2, 3, *model.cfg.output_sizes(*hw)[-1])
+    counts = [4, 3, 2]
+    # a small budget forces several chunks per level in the fast search
+    fast_codes, fast_d = hierarchical(
+        model, x, y, lpips, counts, torch.Generator().manual_seed(1), memory_budget=200_000
+    )
+    naive_codes, naive_d = reference_hierarchical(model, x, y, lpips, counts, torch.Generator().manual_seed(1))
+    for a, b in zip(fast_codes, naive_codes, strict=True):
+        assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
+    torch.testing.assert_close(fast_d, naive_d, rtol=1e-4, atol=1e-6)
