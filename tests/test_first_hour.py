@@ -233,6 +233,7 @@ def test_threads_are_set_before_the_command_runs_and_restored(monkeypatch, tmp_p
         ["sample"],
         ["eval"],
         ["demo"],
+        ["mnist"],
         ["reproduce"],
         ["explore"],
         ["bench", "speed"],

