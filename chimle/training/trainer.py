@@ -18,7 +18,8 @@ the step, the loss, the learning rate and the last good checkpoint (or skip the 
 `train.on_nonfinite`), and no non-finite state is ever written; a failed checkpoint write keeps the
 previous files and stops with the path and the error; `last.pt` and `previous.pt` are kept and `--resume`
 falls back to the second when the first is damaged; one run at a time writes a folder (`train.lock`);
-a rank that dies or hangs stops the others within `train.dist_timeout` seconds with a message.
+a rank that dies or hangs stops the others within `train.dist_timeout` seconds with a message; a group
+that torchrun restarts (`--max-restarts`) goes on from its last checkpoint by itself (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -153,6 +154,12 @@ class Trainer:
         self._stop: _StopFlag | None = None  # set while `run` listens for SIGINT/SIGTERM
         self._rollbacks = 0  # rollbacks since the last checkpoint was written (train.on_nonfinite=rollback)
         self._log: _CsvLog | None = None
+        # torchrun --max-restarts reruns the same command after a failure, without --resume: a restarted
+        # group goes on from its last checkpoint instead of overwriting it from step 0. The ranks agree,
+        # as an agent that restarts its workers for another node's failure leaves its count at 0.
+        if not resume and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            saved = self.checkpoint_path.exists() or previous_path(self.checkpoint_path).exists()
+            resume = dist.any_rank(int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0 and saved)
         if resume:
             self._resume()
 
