@@ -30,11 +30,25 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and editors
     from .data.imageio import save_image
     from .distances.lpips import LPIPS
     from .inference.files import sample_image as sample
-    from .inference.weights import load
+    from .inference.onnx_export import export_onnx
+    from .inference.weights import from_pretrained, load, save_pretrained
     from .model import TowerConfig, TowerModel
 
 __version__ = "0.1.0"
-__all__ = ["TowerConfig", "TowerModel", "LPIPS", "latent", "search", "load", "__version__", "sample", "save_image"]
+__all__ = [
+    "TowerConfig",
+    "TowerModel",
+    "LPIPS",
+    "latent",
+    "search",
+    "load",
+    "__version__",
+    "sample",
+    "save_image",
+    "save_pretrained",
+    "from_pretrained",
+    "export_onnx",
+]
 
 # The names load on first use (PEP 562): `import chimle` alone, and the `chimle` command's parser, which
 # imports this package first, do not import torch (a few seconds); `chimle --help` answers at once.
@@ -43,6 +57,9 @@ _LAZY = {
     "TowerModel": ".model",
     "LPIPS": ".distances.lpips",
     "load": ".inference.weights",
+    "save_pretrained": ".inference.weights",
+    "from_pretrained": ".inference.weights",
+    "export_onnx": ".inference.onnx_export",  # needs the onnx extra only when called
     "sample": ".inference.files:sample_image",
     "save_image": ".data.imageio",
 }

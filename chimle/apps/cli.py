@@ -5,7 +5,8 @@
                  [--resume] [--config FILE] [--set key=value ...]
     chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
                   [--tile N|auto] [--project]
-    chimle export CHECKPOINT OUT.safetensors [--card CARD.json]
+    chimle export CHECKPOINT OUT.safetensors|DIR [--card CARD.json]     (DIR: a model folder, from any model)
+    chimle export MODEL OUT.onnx --size H W [--static [--batch N]]     (needs `pip install "chimle[onnx]"`)
     chimle convert AUTHORS_CHECKPOINT OUT.safetensors --task sr|colorize|jpeg|night
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
     chimle bench speed|gpu|efficiency|ablation ...
@@ -157,8 +158,42 @@ def cmd_sample(a) -> int:
 
 
 def cmd_export(a) -> int:
+    """By the output's name: OUT.onnx a graph (`chimle.inference.onnx_export`), a folder (an existing one, or
+    a name without suffix) a model folder (`save_pretrained`), anything else a safetensors file."""
+    out = Path(a.out)
+    if out.suffix == ".onnx":
+        return _export_onnx(a, out)
+    if a.size is not None or a.static or a.batch is not None:
+        raise ValueError("--size, --static and --batch are for an ONNX export (OUT.onnx)")
     card = json.loads(Path(a.card).read_text()) if a.card else None
+    if out.is_dir() or (not out.suffix and not out.exists()):
+        from ..inference.weights import FOLDER_FILES, save_pretrained
+
+        print(f"exported {save_pretrained(a.checkpoint, out, card=card)} ({', '.join(FOLDER_FILES)})")
+        return 0
     print(f"exported {export(a.checkpoint, a.out, card=card)}")
+    return 0
+
+
+def _export_onnx(a, out: Path) -> int:
+    if a.size is None:
+        raise ValueError(
+            "an ONNX export needs the input size: --size H W (batch and size stay dynamic unless --static)"
+        )
+    if a.card:
+        raise ValueError("--card is for .safetensors and model folders (an ONNX file keeps the model and task configs)")
+    if a.batch is not None and not a.static:
+        raise ValueError("--batch fixes the batch of a --static graph (a dynamic one takes any batch)")
+    from ..inference.onnx_export import export_onnx  # onnx and onnxscript (the onnx extra): only here
+    from ..inference.weights import load_with_task
+
+    model, task = load_with_task(a.checkpoint)
+    try:
+        path = export_onnx(model, out, tuple(a.size), task=task, dynamic=not a.static, batch=a.batch or 1)
+    except ImportError as e:  # the extra is missing: one line that says how to install it
+        raise ValueError(str(e)) from None
+    shape = f"batch {a.batch or 1}, {a.size[0]}x{a.size[1]} only" if a.static else "any batch and size"
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB; {shape})")
     return 0
 
 
@@ -301,10 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     add_threads_argument(p)
 
-    p = sub.add_parser("export", help="training checkpoint -> safetensors weights with their config")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
+    p = sub.add_parser("export", help="checkpoint -> safetensors weights, a model folder (DIR) or ONNX (OUT.onnx)")
+    p.add_argument("checkpoint", help="training checkpoint (DIR, .onnx: also weights, a model folder or a name)")
+    p.add_argument("out", help="OUT.safetensors, OUT.onnx, or a folder: config.json, model.safetensors, README.md")
     p.add_argument("--card", help="a model card (JSON) to store in the file's metadata (`chimle models` shows it)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="ONNX: the input size to export for")
+    p.add_argument("--static", action="store_true", help="ONNX: fix the batch and size (default: both dynamic)")
+    p.add_argument("--batch", type=int, help="ONNX with --static: the batch (default 1)")
 
     # `convert` builds its own parser (chimle/apps/convert_cli.py, which imports torch) when it runs.
     sub.add_parser(
