@@ -397,6 +397,20 @@ def wallpaper_photo_dir(cache_dir: PathLike | None = None) -> Path:
     return out
 
 
+PHOTOS = "photos"  # `data.data` keyword: the photo corpus (docs/data.md)
+
+
+def photo_corpus_dir(cache_dir: PathLike | None = None) -> Path:
+    """The folder of the photo corpus (``data.data: photos``): the real photographs that Debian packages
+    ship, de-duplicated and downscaled to 640 px on the long side, as `scripts/fetch_photos.sh` writes
+    them (default ``default_cache_dir()/photo_corpus``: ``default_cache_dir()/photos`` holds the held-out
+    scikit-image photos of builtin_photo_dir)."""
+    out = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "photo_corpus"
+    if not out.is_dir() or not any(out.glob("*.png")):
+        raise FileNotFoundError(f"no photo corpus in {out}: run scripts/fetch_photos.sh first")
+    return out
+
+
 def read_csv_columns(path: PathLike) -> dict[str, list[float]]:
     """A CSV of numbers with a header row (a run's log.csv) as {column: values}; {} if it is missing."""
     path = Path(path)

@@ -42,7 +42,14 @@ from torch.utils.data import Dataset
 from .. import latent, search
 from ..data import layouts
 from ..data.dataset import ImageDataset
-from ..data.imageio import WALLPAPERS, builtin_photo_dir, read_csv_columns, wallpaper_photo_dir
+from ..data.imageio import (
+    PHOTOS,
+    WALLPAPERS,
+    builtin_photo_dir,
+    photo_corpus_dir,
+    read_csv_columns,
+    wallpaper_photo_dir,
+)
 from ..data.tasks import Task, make_task
 from ..distances import make_distance
 from ..inference.figures import plot_curve, save_grid
@@ -182,6 +189,8 @@ class Trainer:
             root = str(builtin_photo_dir())
         elif root == WALLPAPERS:
             root = str(wallpaper_photo_dir())
+        elif root == PHOTOS:
+            root = str(photo_corpus_dir())
         kw = dict(input_root=root, root=d.target) if self.task.paired else dict(root=root)
         if self.task.paired and not d.target:
             raise ValueError(f"the {d.task} task needs --target DIR (the folder of target images)")
