@@ -18,7 +18,6 @@ from chimle.inference import explore as ex
 from chimle.inference import weights as weights_io
 from chimle.model import TowerConfig, TowerModel
 from chimle.rng import seeded
-from chimle.search import hierarchical
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
@@ -130,17 +129,14 @@ def test_guided_search_beats_plain_samples_on_the_hint(sr, inp):
     refined = ex.guided_search(model, inp.x, hint, mask, [12, 8], seeded(6), task=task, k=3, refine_steps=8)
     assert refined.distances[0] <= found.distances[0] + 1e-6  # refinement keeps the best point of its path
     assert refined.distances[0] < plain.min()
-    # the search is CHIMLE's: its chosen codes are those of `hierarchical` with the hint as the target
-    codes, _ = hierarchical(
-        model,
-        inp.x.expand(3, -1, -1, -1),
-        hint.expand(3, -1, -1, -1),
-        ex.MaskedL2(mask),
-        [12, 8],
-        seeded(6),
-        to_rgb=task.rgb,
-    )
-    assert any(torch.equal(codes[1].noise[i], found.codes[1].noise[0]) for i in range(3))
+    # the images are those of their codes, bit for bit (what `chimle sample --code` redraws), without a render
+    assert torch.equal(ex.render(model, inp.x, found.codes, task), found.images)
+    assert torch.equal(ex.render(model, inp.x, refined.codes, task), refined.images)
+    # the k matches share level 1: their z_1 are the best 3 of the 12 candidates drawn first, judged once
+    z1 = model.latent_layout(tuple(inp.x.shape[-2:])).sample_level(1, 12, seeded(6))
+    level1 = ex.MaskedL2(mask)(model(inp.x.expand(12, -1, -1, -1), [z1])[0], hint.expand(12, -1, -1, -1)[..., ::2, ::2])
+    rows = [int((z1.style == s).all(1).nonzero()[0]) for s in found.codes[0].style]
+    assert sorted(rows) == sorted(level1.argsort()[:3].tolist())
     with pytest.raises(ValueError, match="hint is empty"):
         ex.guided_search(model, inp.x, hint, torch.zeros_like(mask), [4, 4], task=task)
     with pytest.raises(ValueError, match="outputs are 32x40"):
@@ -357,3 +353,80 @@ def test_a_photo_too_large_is_scaled_when_degraded_and_reproduces(explorer, sr, 
 def test_examples_follow_degrade(explorer):
     got = explorer.add_example("astronaut", False)  # as it is: the input, scaled so that 4x outputs fit 40,000 px
     assert "scaled to 50x50" in got["message"] and got["target_png"] is None and got["width"] == 200
+
+
+def test_job_queue_reports_progress_position_and_cancels():
+    """The page's jobs (issue 28): run in order, a queued job knows how many run before it, a running one its
+    fraction and an estimate of the time left; cancelling stops a running job at its next unit of work and
+    takes a queued one out at once; an error is one line, the queue goes on."""
+    import threading
+
+    from chimle.apps.explore import BadRequest, JobQueue
+
+    freed = []
+    q = JobQueue(after=lambda: freed.append(1))
+    half, release = threading.Event(), threading.Event()
+
+    def slow(progress):
+        for i in range(4):
+            progress(i, 4, note=f"step {i}")
+            if i == 2:
+                half.set()
+                release.wait(10)
+        return {"message": "slow done"}
+
+    first = q.submit("guided", "searching", slow)
+    assert half.wait(10)
+    second = q.submit("sample", "sampling", lambda progress: {"message": "second done"})
+    third = q.submit("sample", "sampling", lambda progress: {"message": "third done"})
+    st = q.status(first)
+    assert st["state"] == "running" and st["fraction"] == 0.5 and st["note"] == "step 2" and st["eta_s"] >= 0
+    assert q.status(second)["ahead"] == 1 and q.status(third)["ahead"] == 2 and "running_eta_s" in q.status(third)
+    q.cancel(second.id)  # queued: out of the queue at once
+    assert second.state == "cancelled" and q.status(third)["ahead"] == 1
+    q.cancel(first.id)
+    release.set()  # the running job stops at its next progress call
+    assert third.ended.wait(10) and third.result == {"message": "third done"}
+    assert first.state == "cancelled" and first.message.startswith("searching cancelled after")
+    assert q.status(first)["status"] == 409 and q.status(third)["status"] == 200 and q.status(third)["fraction"] == 0
+    bad = q.submit("sample", "sampling", lambda progress: (_ for _ in ()).throw(BadRequest("num must be in 1..64")))
+    boom = q.submit("sample", "sampling", lambda progress: 1 / 0)
+    assert boom.ended.wait(10) and bad.state == "error" and (bad.message, bad.status) == ("num must be in 1..64", 400)
+    assert boom.status == 500 and boom.message == "internal error: ZeroDivisionError: division by zero"
+    assert len(freed) == 4  # after every job that ran (the cancelled queued one never did)
+    with pytest.raises(BadRequest, match="unknown job"):
+        q.get("j0")
+    q.close()
+
+
+def test_render_and_guided_report_progress(sr, inp):
+    model, task = sr
+    seen = []
+    ex.draw_samples(model, inp.x, 3, seeded(0), task=task, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    hint, mask = torch.zeros(1, 3, 32, 40), torch.zeros(1, 1, 32, 40)
+    mask[..., 4:12, 4:20] = 1
+    seen.clear()
+    ex.guided_search(
+        model,
+        inp.x,
+        hint,
+        mask,
+        [4, 2],
+        seeded(1),
+        task=task,
+        k=2,
+        refine_steps=2,
+        progress=lambda d, t: seen.append(d / t),
+    )
+    assert seen[0] == 0 and seen[-1] == 1 and all(a <= b for a, b in zip(seen, seen[1:])) and len(seen) >= 6
+
+    class Stop(Exception):
+        pass
+
+    def cancel(d, t):
+        if d > 0:
+            raise Stop
+
+    with pytest.raises(Stop):  # a cancel raised from the callback stops the search
+        ex.guided_search(model, inp.x, hint, mask, [4, 2], seeded(1), task=task, k=2, progress=cancel)

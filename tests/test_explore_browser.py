@@ -41,6 +41,12 @@ pytestmark = pytest.mark.slow
 TIMEOUT_MS = 60_000
 
 
+def _memory(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the peak) of a process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in f if ln.startswith(("VmRSS:", "VmHWM:"))}
+
+
 def _need(what: str) -> None:
     """Missing browser tooling: a failure in CI, where .ci/run installs it, a skip elsewhere."""
     if os.environ.get("CI"):
@@ -98,6 +104,7 @@ def server(weights, tmp_path_factory):
     except ImportError:
         _need("the app extra is not installed (pip install -e '.[app]')")
     cmd = [sys.executable, "-m", "chimle", "explore", str(weights), "--port", "0", "--threads", "1"]
+    cmd += ["--models", str(weights.parent)]  # the model menu: the shipped models and this folder's
     tmp = tmp_path_factory.mktemp("server_tmp")  # the server's temp folder: its upload folder goes there
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -116,7 +123,14 @@ def server(weights, tmp_path_factory):
         proc.kill()
         pytest.fail("the server did not start: " + "".join(lines)[-2000:])
     assert len(list(tmp.glob("chimle-explore-*"))) == 1
+    start = _memory(proc.pid)
     yield url
+    # the server's memory over the whole session, printed (a figure, not a test: see benchmarks/explore_latency.py)
+    end = _memory(proc.pid)
+    print(
+        f"\nserver RSS: start {start['VmRSS']:.0f} MB, peak {end['VmHWM']:.0f} MB, at the end {end['VmRSS']:.0f} MB"
+        f" (load {' '.join(f'{v:.1f}' for v in os.getloadavg())})"
+    )
     proc.terminate()
     try:
         proc.wait(10)
@@ -166,9 +180,9 @@ def test_explore_in_a_browser(browser, server, files, weights, tmp_path):
     def message() -> str:
         return page.inner_text("#message")
 
-    def wait_cards(gallery: str, n: int) -> list[str]:
-        page.wait_for_function(f"document.querySelectorAll('#{gallery} .card').length === {n}")
-        return page.eval_on_selector_all(f"#{gallery} .card", "cs => cs.map(c => c.dataset.id)")
+    def wait_cards(gallery: str, n: int) -> list[str]:  # results, not the previews of a running search
+        page.wait_for_function(f"document.querySelectorAll('#{gallery} .card:not(.preview)').length === {n}")
+        return page.eval_on_selector_all(f"#{gallery} .card:not(.preview)", "cs => cs.map(c => c.dataset.id)")
 
     def get(path: str) -> bytes:
         r = page.request.get(server + path)
@@ -344,6 +358,171 @@ def test_bug_examples_follow_degrade(fresh):
     got = _wait_message(page, "-> outputs 256x256")
     assert "32x32 -> outputs 256x256" in got and page.is_visible("#target-img"), got
     assert ticked  # ticked from the start for a super-resolution model (the examples were always degraded)
+
+
+def _paint(page, fx: float = 0.2, fy: float = 0.25, strokes: int = 6) -> None:
+    """Strokes across the paint canvas, from (fx, fy) of its box: a painted patch."""
+    box = page.locator("#paint").bounding_box()
+    x0, y0 = box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
+    for i in range(strokes):
+        y = y0 + i * box["height"] * 0.05
+        page.mouse.move(x0, y)
+        page.mouse.down()
+        page.mouse.move(x0 + box["width"] * 0.35, y, steps=6)
+        page.mouse.up()
+
+
+def _in_view(page, selector: str) -> bool:
+    box = page.locator(selector).bounding_box()
+    view = page.viewport_size
+    return box is not None and 0 <= box["y"] and box["y"] + box["height"] <= view["height"]
+
+
+def test_status_progress_cancel_and_queue(browser, server, fresh):
+    """Issue 28: the status stays in view from the guided-search section (an error, a running search), a search
+    shows its fraction and an estimate of the time left fed by the server, Cancel stops it, and a job waiting
+    behind it (another page) shows its place in the queue, then runs."""
+    page = fresh
+    other = browser.new_page(viewport={"width": 1280, "height": 900})
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(server)
+    other.wait_for_function("document.getElementById('model-info').textContent.includes('levels')")
+    for p in (page, other):
+        p.click("#load-example")
+        _wait_message(p, "-> outputs 256x256")
+    page.fill("#num", "2")
+    page.click("#sample")
+    page.wait_for_function("document.querySelectorAll('#samples .card').length === 2")
+
+    # an error from the guided-search section, scrolled to the bottom: the line is in view
+    page.locator("#guided").scroll_into_view_if_needed()
+    page.click("#clear-hint")
+    page.click("#guided")
+    page.wait_for_selector("#message.error")
+    assert "hint is empty" in page.inner_text("#message") and _in_view(page, "#message")
+
+    # a long search: its progress (fraction, time left) in view, fed by the server as it runs
+    _paint(page)
+    page.get_by_label("candidates").fill("64")
+    page.get_by_label("refinement steps").fill("200")
+    page.click("#guided")
+    page.wait_for_function(
+        "/searching: [1-9][0-9]*%.*about .* left/.test(document.getElementById('progress-text').textContent)"
+    )
+    assert _in_view(page, "#progress") and _in_view(page, "#cancel")
+    page.wait_for_selector("#guided-results .card.preview")  # the best so far, once level 1 is judged
+    assert "best so far, level" in page.inner_text("#guided-results .card.preview figcaption")
+    assert (
+        0
+        < float(page.get_attribute("#progress", "value") or page.evaluate("document.getElementById('progress').value"))
+        < 1
+    )
+
+    # another page's job waits behind it and says so
+    other.click("#sample")
+    other.wait_for_function(
+        "/waiting in the queue, 1 job ahead/.test(document.getElementById('progress-text').textContent)"
+    )
+    assert page.is_enabled("#cancel") and page.is_disabled("#sample")
+    page.get_by_role("button", name="Cancel").click()
+    assert _wait_message(page, "cancelled").startswith("searching cancelled after")
+    other.wait_for_function("document.querySelectorAll('#samples .card').length === 8")  # then it ran
+    assert page.is_enabled("#guided") and page.is_hidden("#cancel") and page.is_hidden("#progress")
+    other.close()
+
+
+def test_full_size_compare_models_reference_brush_names(fresh, files, weights):
+    """Issue 28's missing pieces: a full-size view of any result beside the input or B, the model menu
+    (shipped and --models DIR), the reference image beside its results, a brush sized in input pixels,
+    download names that say input, model, seed and level; every control has an accessible name."""
+    page = fresh
+    unnamed = page.evaluate(
+        """[...document.querySelectorAll('input, select, button, canvas, textarea')].filter(el =>
+            !((el.labels && el.labels.length) || el.getAttribute('aria-label') || el.textContent.trim()))
+            .map(el => el.id || el.outerHTML)"""
+    )
+    assert unnamed == []
+    me = weights.stem
+    menu = page.get_by_label("model", exact=True)
+    options = menu.evaluate("s => [...s.options].map(o => o.value)")
+    assert {"sr8-small", "colorize-small", me} <= set(options) and menu.input_value() == me, options
+    menu.select_option("colorize-small")  # another model: its facts on the page
+    assert _wait_message(page, "model colorize-small loaded").endswith("colorize task")
+    assert "task colorize" in page.inner_text("#model-info") and page.get_by_label("degrade it first").is_checked()
+    menu.select_option(me)
+    _wait_message(page, f"model {me} loaded")
+
+    page.get_by_label("example", exact=True).select_option("astronaut")
+    page.get_by_role("button", name="Use example").click()
+    _wait_message(page, "-> outputs 256x256")
+    page.get_by_label("number of samples").fill("2")
+    page.get_by_label("seed", exact=True).fill("5")
+    page.get_by_role("button", name="Draw samples").click()
+    page.wait_for_function("document.querySelectorAll('#samples .card').length === 2")
+    ids = page.eval_on_selector_all("#samples .card", "cs => cs.map(c => c.dataset.id)")
+
+    # download names: input (degraded), model, what made it, seed; the vary level too
+    r = page.request.get(
+        page.url + page.get_attribute(f'.card[data-id="{ids[0]}"] a[aria-label^="download PNG"]', "href")
+    )
+    assert (
+        r.headers["content-disposition"] == f'attachment; filename="astronaut_degraded_{me}_sample1_seed5_{ids[0]}.png"'
+    )
+    page.get_by_label("vary from level").select_option("2")
+    page.get_by_role("button", name="Vary A").click()
+    page.wait_for_function("document.querySelectorAll('#variations .card').length === 2")
+    vid = page.get_attribute("#variations .card", "data-id")
+    r = page.request.get(page.url + f"api/item/{vid}.npz")
+    want = f"astronaut_degraded_{me}_sample1_seed5_vary-level2-seed6-1_{vid}.npz"
+    assert r.headers["content-disposition"] == f'attachment; filename="{want}"'
+
+    # full size, then beside the input (enlarged, pixel for pixel) and beside B
+    page.get_by_role("button", name="full size: sample 1 (seed 5)", exact=True).click()
+    viewer = page.locator("#viewer")
+    assert viewer.is_visible() and page.evaluate(
+        "(i => [i.naturalWidth, i.clientWidth])(document.getElementById('viewer-img'))"
+    ) == [256, 256]
+    compare = page.get_by_label("compare with")
+    compare.select_option("input")
+    assert (
+        page.is_visible("#viewer-other") and page.evaluate("document.getElementById('viewer-other').clientWidth") == 256
+    )
+    assert "api/input/" in page.get_attribute("#viewer-other", "src")
+    compare.select_option("b")
+    assert page.get_attribute("#viewer-other", "src") == f"api/item/{ids[1]}.png"
+    page.get_by_role("button", name="Close").click()
+    assert not viewer.is_visible()
+
+    # the brush in input pixels: 2 input px are 16 output px at 8x, in the chosen colour
+    page.get_by_label("brush (input pixels)").fill("2")
+    assert page.inner_text("#brush-out") == "2 input px = 16 output px"
+    page.get_by_label("brush colour").fill("#00ff00")
+    box = page.locator("#paint").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=5)
+    page.mouse.up()
+    hint = np.asarray(Image.open(io.BytesIO(_data_url(page.evaluate("document.getElementById('paint').toDataURL()")))))
+    column = hint[:, 128]
+    painted = column[:, 3] > 127
+    assert 15 <= painted.sum() <= 17 and (column[painted, :3] == (0, 255, 0)).all(), painted.sum()
+
+    # a reference image: shown, and beside the results searched for it
+    page.get_by_label("reference image").set_input_files(str(files / "cat.png"))
+    _wait_message(page, "reference 'cat.png'")
+    assert page.is_visible("#reference-img") and page.get_by_label("use the reference").is_checked()
+    page.get_by_label("best k").fill("1")
+    page.get_by_label("candidates").fill("4")
+    page.get_by_label("refinement steps").fill("0")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_function(
+        "document.querySelectorAll('#guided-results .card:not(.preview):not(.reference)').length === 1"
+    )
+    assert page.is_visible("#guided-results .card.reference img") and "LPIPS" in page.inner_text("#message")
+    page.get_by_role("button", name="Clear hint").click()
+    alpha = "(c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 === 3 && v))"
+    assert page.evaluate(f"{alpha}(document.getElementById('paint')).length") == 0
 
 
 def _data_url(url: str) -> bytes:

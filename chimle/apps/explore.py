@@ -33,8 +33,11 @@ API (JSON in and out; uploads are the raw file as the request body):
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time
 # (`request: Request` inside build_app, where Request is a local name), and string annotations would hide them.
 import argparse
+import asyncio
 import base64
 import binascii
+import ctypes
+import gc
 import io
 import os
 import re
@@ -46,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,14 +70,14 @@ from ..resample import resize
 from ..rng import seeded
 from ..threads import add_threads_argument, set_threads
 
-__all__ = ["main", "build_app", "Explorer", "demo_model", "DEFAULT_MODEL"]
+__all__ = ["main", "build_app", "Explorer", "JobQueue", "demo_model", "model_menu", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "sr8-small"  # the shipped 8x super-resolution model (`chimle models`)
 
 STATIC = ("explore.html", "explore.js", "explore.css")
 # How many results (each one code + one image) and inputs the server keeps, the oldest dropped first: enough
 # for a long session on the page, little enough to stay in memory.
-MAX_ITEMS = 512
+MAX_ITEMS = 256
 MAX_INPUTS = 16
 MAX_SEED = 2**32 - 1
 # An upload is decoded (then scaled to fit --max-pixels when degraded) only up to this size: a phone's 12-50 MP
@@ -83,20 +87,27 @@ MAX_DECODE = 100_000_000
 
 @dataclass
 class Item:
-    """One result shown on the page: its image (cropped), its code (batch 1) and what the page prints."""
+    """One result shown on the page: its image (cropped) as the PNG the page shows, its code (batch 1) and what
+    the page prints. The PNG, not the float image: a quarter of the memory or less, for every result kept."""
 
     id: str
     input: str
-    image: Tensor
+    png_bytes: bytes
     codes: Codes
     label: str
     info: dict[str, Any] = field(default_factory=dict)
-    _png: bytes | None = None
+    slug: str = "result"  # what a download's name says of it: sample3_seed0, vary-l2_seed1_4, guided1_seed0...
 
     def png(self) -> bytes:
-        if self._png is None:
-            self._png = ex.to_png_bytes(self.image)
-        return self._png
+        return self.png_bytes
+
+    @property
+    def image(self) -> Tensor:
+        """(3, H, W) in [0, 1], as the page shows it (8-bit)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.png_bytes)) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 @dataclass
@@ -115,6 +126,178 @@ class BadRequest(ValueError):
     """A request the page should explain in one line (HTTP 400)."""
 
 
+class Cancelled(Exception):
+    """The user cancelled the job: raised from its progress callback, between two units of work."""
+
+
+Progress = Callable[..., None]  # progress(done, total, note="", preview=None): raises Cancelled when cancelled
+
+
+@dataclass
+class Job:
+    """One request's work in the queue: its state, progress (`done` of `total` units, weighted by their cost),
+    what it returned or the one line of what went wrong."""
+
+    id: str
+    op: str
+    what: str  # what the page says while it runs: "sampling", "searching"...
+    fn: Callable[..., dict]  # fn(progress=...) -> the answer
+    state: str = "queued"  # queued, running, done, error, cancelled
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+    done: float = 0.0
+    total: float = 0.0
+    note: str = ""
+    preview: list[dict] = field(default_factory=list)  # the best so far: [{png (data URL), label}]
+    result: dict | None = None
+    message: str = ""
+    status: int = 200
+    cancel: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - (self.started or self.created)
+
+    def progress(
+        self, done: float | None, total: float | None, note: str = "", preview: list[dict] | None = None
+    ) -> None:
+        """Called by the work between its units (None: the fraction stays); raises Cancelled once cancelled."""
+        if self.cancel.is_set():
+            raise Cancelled
+        if done is not None and total is not None:
+            self.done, self.total = float(done), float(total)
+        if note:
+            self.note = note
+        if preview is not None:
+            self.preview = preview
+
+
+class JobQueue:
+    """Runs the jobs one after another in one worker thread (the model runs one job at a time; torch's threads
+    do the parallel work), first come first served. A job's status tells its place in the queue, its progress
+    and an estimate of the time left; a queued job cancelled leaves the queue, a running one stops at its next
+    unit of work. `after` runs after every job (the explorer frees its caches there)."""
+
+    KEEP = 64  # finished jobs kept for their status
+
+    def __init__(self, after: Callable[[], None] | None = None):
+        self.after = after
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.queue: list[Job] = []
+        self.running: Job | None = None
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="chimle-explore-jobs", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: str, what: str, fn: Callable[..., dict]) -> Job:
+        job = Job(f"j{secrets.token_hex(6)}", op, what, fn)
+        with self._cv:
+            self.jobs[job.id] = job
+            finished = [k for k, j in self.jobs.items() if j.ended.is_set()]
+            for k in finished[: max(0, len(finished) - self.KEEP)]:
+                del self.jobs[k]
+            self.queue.append(job)
+            self._cv.notify()
+        return job
+
+    def get(self, key: str) -> Job:
+        job = self.jobs.get(key)
+        if job is None:
+            raise BadRequest(f"unknown job '{key}' (finished long ago?)")
+        return job
+
+    def cancel(self, key: str) -> Job:
+        job = self.get(key)
+        with self._cv:
+            job.cancel.set()
+            if job in self.queue:  # never started: out of the queue at once
+                self.queue.remove(job)
+                self._end(job, "cancelled", None, "cancelled before it started", 409)
+        return job
+
+    def ahead(self, job: Job) -> int:
+        """How many jobs run before this one starts (the running one included); 0 once it runs."""
+        with self._cv:
+            if job in self.queue:
+                return self.queue.index(job) + (self.running is not None)
+        return 0
+
+    def status(self, job: Job) -> dict:
+        now = time.monotonic()
+        frac = min(1.0, job.done / job.total) if job.total > 0 else 0.0
+        out: dict[str, Any] = {
+            "job": job.id,
+            "op": job.op,
+            "what": job.what,
+            "state": job.state,
+            "ahead": self.ahead(job) if job.state == "queued" else 0,
+            "waited_s": round((job.started or now) - job.created, 2),
+            "elapsed_s": round((job.finished or now) - job.started, 2) if job.started else 0.0,
+            "fraction": round(frac, 4),
+            "note": job.note,
+            "preview": job.preview,
+        }
+        if job.state == "running" and 0 < frac:
+            # time left at the rate so far: the units are weighted by their cost (FLOPs), so the rate is steady
+            out["eta_s"] = round((now - job.started) * (1 - frac) / frac, 1)
+        if job.state == "queued" and self.running is not None:
+            r = self.running
+            rf = min(1.0, r.done / r.total) if r.total > 0 else 0.0
+            if rf > 0 and r.started:
+                out["running_eta_s"] = round((now - r.started) * (1 - rf) / rf, 1)
+        if job.ended.is_set():
+            out["result"] = job.result
+            out["message"] = job.message
+            out["status"] = job.status
+        return out
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel every job and wait for the worker to stop (a thread still inside torch when the interpreter
+        exits aborts it)."""
+        with self._cv:
+            self._closed = True
+            for job in self.queue:
+                job.cancel.set()
+                self._end(job, "cancelled", None, "the server is stopping", 503)
+            self.queue.clear()
+            if self.running is not None:
+                self.running.cancel.set()
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _end(self, job: Job, state: str, result: dict | None, message: str, status: int) -> None:
+        job.state, job.result, job.message, job.status = state, result, message, status
+        job.finished = time.monotonic()
+        job.preview = []
+        job.ended.set()
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self.queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                job = self.queue.pop(0)
+                self.running, job.state, job.started = job, "running", time.monotonic()
+            try:
+                result = job.fn(progress=job.progress)
+                self._end(job, "done", result, result.get("message", ""), 200)
+            except Cancelled:
+                self._end(job, "cancelled", None, f"{job.what} cancelled after {job.elapsed():.1f} s", 409)
+            except (BadRequest, ImageError, ValueError, FileNotFoundError) as err:
+                self._end(job, "error", None, _one_line(err), 400)
+            except Exception as err:  # noqa: BLE001 - the server stays up and the page says what happened
+                self._end(job, "error", None, f"internal error: {type(err).__name__}: {_one_line(err)}"[:300], 500)
+            finally:
+                with self._cv:
+                    self.running = None
+                if self.after is not None:
+                    self.after()
+
+
 class Explorer:
     """The state and the operations of the page, independent of the web framework (tested directly)."""
 
@@ -127,20 +310,46 @@ class Explorer:
         max_pixels: int = 1 << 20,
         max_upload: int = 50 << 20,
         workdir: str | Path | None = None,
+        models: dict[str, str] | None = None,
     ):
         self.model, self.task, self.name = model.eval(), task, name
+        # the model menu: name -> what `load_with_task` loads (the shipped models, the user's, --models DIR)
+        self.models = dict(models or {})
         self.max_pixels, self.max_upload = max_pixels, max_upload
         # uploads are written here only while they are decoded (load_image reads files)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="chimle-explore-")
         self.workdir = Path(workdir or self._tmp.name)
         self.inputs: OrderedDict[str, Entry] = OrderedDict()
         self.items: OrderedDict[str, Item] = OrderedDict()
-        self.job = threading.Lock()  # one model job at a time
+        self.jobs = JobQueue(after=self.after_job)  # one model job at a time, in order
+        # The guided search judges its candidates in chunks within this many bytes of activations (the
+        # library's default on a CPU is 2 GiB): a few candidates at a time, which keeps the server's memory
+        # small and gives the page a progress report (and a chance to cancel) after every chunk.
+        self.search_budget = 256 << 20
         self._lpips = None
         self._counter = 0
 
+    def after_job(self) -> None:
+        """After every job: free what it left (the activations' memory, which glibc would keep: `chimle` asks
+        it to keep freed memory for the training loop's sake, `chimle.memory.keep_freed_host_memory`), so that
+        an idle server holds its model and the results kept, not the peak of its last search."""
+        gc.collect()
+        _malloc_trim()
+
+    def run(self, op: str, what: str, fn: Callable[..., dict], **kw) -> Job:
+        """Queue `fn(**kw, progress=...)` as a job; `wait` on it for the answer."""
+        return self.jobs.submit(op, what, lambda progress: fn(**kw, progress=progress))
+
+    def wait(self, job: Job) -> dict:
+        """The answer of a job once it ended, or its error raised again as BadRequest / RuntimeError."""
+        job.ended.wait()
+        if job.state == "done":
+            return job.result
+        raise (BadRequest if job.status in (400, 409) else RuntimeError)(job.message)
+
     def close(self) -> None:
-        """Remove the upload folder this explorer made (a given `workdir` stays)."""
+        """Stop the job queue and remove the upload folder this explorer made (a given `workdir` stays)."""
+        self.jobs.close()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -159,10 +368,13 @@ class Explorer:
             raise BadRequest(f"unknown result '{key}' (expired?): draw samples again")
         return self.items[key]
 
-    def _add(self, entry: Entry, images: Tensor, codes: Codes, labels: list[str], infos: list[dict]) -> list[Item]:
+    def _add(
+        self, entry: Entry, images: Tensor, codes: Codes, labels: list[str], infos: list[dict], slugs: list[str]
+    ) -> list[Item]:
         out = []
-        for i, (label, info) in enumerate(zip(labels, infos)):
-            it = Item(self._id("r"), entry.id, images[i].clone(), latent.index(codes, [i]), label, info)
+        for i, (label, info, slug) in enumerate(zip(labels, infos, slugs)):
+            png = ex.to_png_bytes(images[i])
+            it = Item(self._id("r"), entry.id, png, latent.index(codes, [i]), label, info, slug)
             self.items[it.id] = it
             out.append(it)
         while len(self.items) > MAX_ITEMS:
@@ -178,11 +390,31 @@ class Explorer:
         err = ex.consistency(images, x, self.task)
         return [{"consistency": round(float(e) * 255, 3)} for e in err]
 
+    def short_name(self) -> str:
+        """The model's name in download names: its menu name, or its file's stem."""
+        name = next((k for k, v in self.models.items() if v == self.name or k == self.name), None)
+        return name or Path(self.name.split(":")[0]).stem
+
+    def switch_model(self, name: str | None = None, progress: Progress | None = None) -> dict:
+        """Load another model of the menu; the inputs and results of the previous one are dropped (their codes
+        fit it alone)."""
+        if not name or name not in self.models:
+            raise BadRequest(f"no model '{name}' in the menu ({', '.join(self.models) or 'none'})")
+        device = self.model.device
+        model, task_cfg = load_with_task(self.models[name], device)
+        self.model, self.task, self.name = model.to(device).eval(), (make_task(**task_cfg) if task_cfg else None), name
+        self.inputs.clear()
+        self.items.clear()
+        self._lpips = None
+        return {**self.info(), "message": f"model {name} loaded: {self.info()['task'] or 'no'} task"}
+
     def info(self) -> dict:
         cfg = self.model.cfg
         task = self.task
         return {
             "model": self.name,
+            "model_short": self.short_name(),
+            "models": list(self.models),
             "task": task.name if task is not None else None,
             "levels": cfg.levels,
             "scale": cfg.scale,
@@ -190,11 +422,19 @@ class Explorer:
             "consistency": task is not None and task.name == "sr",
             "examples": sorted(BUILTIN_PHOTOS),
             "max_pixels": self.max_pixels,
-            "defaults": {"num": 8, "level": min(2, cfg.levels), "steps": 16, "k": 4, "samples": 32, "refine": 0},
+            "defaults": {
+                "num": 8,
+                "level": min(2, cfg.levels),
+                "steps": 16,
+                "k": 4,
+                "samples": 32,
+                "refine": 0,
+                "degrade": task is not None and not task.paired,
+            },
         }
 
     # -- inputs ---------------------------------------------------------------------------------
-    def add_input(self, name: str, degrade: bool, data: bytes) -> dict:
+    def add_input(self, name: str, degrade: bool, data: bytes, progress: Progress | None = None) -> dict:
         """An uploaded file -> a new input. Checks the size from the header before decoding anything."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "upload").name)[:80] or "upload"
         if len(data) > self.max_upload:
@@ -212,7 +452,7 @@ class Explorer:
         finally:
             path.unlink(missing_ok=True)
 
-    def add_example(self, name: str, degrade: bool) -> dict:
+    def add_example(self, name: str, degrade: bool, progress: Progress | None = None) -> dict:
         """A photo bundled with scikit-image, centre-cropped to 256 px (fast on a CPU), as the input."""
         from ..data.imageio import builtin_photo_dir
 
@@ -294,6 +534,12 @@ class Explorer:
             "message": f"input '{name}'{note}: {inp.hw[1]}x{inp.hw[0]} -> outputs {w}x{h}",
         }
 
+    def reference_png(self, key: str) -> bytes:
+        e = self._entry(key)
+        if e.reference is None:
+            raise BadRequest("no reference image for this input")
+        return ex.to_png_bytes(e.reference[0])
+
     def input_png(self, key: str, target: bool = False) -> bytes:
         e = self._entry(key)
         if target:
@@ -303,32 +549,38 @@ class Explorer:
         return ex.to_png_bytes(e.shown)
 
     # -- operations -----------------------------------------------------------------------------
-    def sample(self, input: str | None = None, num: int = 8, seed: int = 0) -> dict:
+    def sample(self, input: str | None = None, num: int = 8, seed: int = 0, progress: Progress | None = None) -> dict:
         e = self._entry(input)
         num = _bounded("num", num, 1, 64)
         g = seeded(_seed(seed), device=self.model.device)
         t = time.perf_counter()
-        images, codes = ex.draw_samples(self.model, e.inp.x, num, g, task=self.task)
+        images, codes = ex.draw_samples(self.model, e.inp.x, num, g, task=self.task, progress=progress)
         images = e.inp.crop(images)
         labels = [f"sample {i + 1} (seed {seed})" for i in range(num)]
-        items = self._add(e, images, codes, labels, self._infos(e, images))
+        slugs = [f"sample{i + 1}_seed{seed}" for i in range(num)]
+        items = self._add(e, images, codes, labels, self._infos(e, images), slugs)
         return self._answer(items, f"{num} samples in {time.perf_counter() - t:.2f} s")
 
-    def vary(self, item: str | None = None, level: int = 2, num: int = 8, seed: int = 0) -> dict:
+    def vary(
+        self, item: str | None = None, level: int = 2, num: int = 8, seed: int = 0, progress: Progress | None = None
+    ) -> dict:
         it = self._item(item)
         e = self._entry(it.input)
         level = _bounded("level", level, 1, self.model.cfg.levels)
         num = _bounded("num", num, 1, 64)
         g = seeded(_seed(seed), device=self.model.device)
         t = time.perf_counter()
-        images, codes = ex.vary(self.model, e.inp.x, it.codes, level, num, g, task=self.task)
+        images, codes = ex.vary(self.model, e.inp.x, it.codes, level, num, g, task=self.task, progress=progress)
         images = e.inp.crop(images)
         kept = "z1" if level == 2 else f"z1..z{level - 1}"
         labels = [f"{it.label}, {kept} kept, {i + 1}" if level > 1 else f"redrawn {i + 1}" for i in range(num)]
-        items = self._add(e, images, codes, labels, self._infos(e, images))
+        slugs = [f"{it.slug}_vary-level{level}-seed{seed}-{i + 1}" for i in range(num)]
+        items = self._add(e, images, codes, labels, self._infos(e, images), slugs)
         return self._answer(items, f"{num} variations from level {level} in {time.perf_counter() - t:.2f} s")
 
-    def interpolate(self, a: str | None = None, b: str | None = None, steps: int = 16) -> dict:
+    def interpolate(
+        self, a: str | None = None, b: str | None = None, steps: int = 16, progress: Progress | None = None
+    ) -> dict:
         ia, ib = self._item(a), self._item(b)
         if ia.input != ib.input:
             raise BadRequest("the two samples belong to different inputs: pick two samples of this input")
@@ -338,12 +590,13 @@ class Explorer:
         e = self._entry(ia.input)
         t = time.perf_counter()
         codes = ex.interpolate_codes(ia.codes, ib.codes, steps)
-        images = e.inp.crop(ex.render(self.model, e.inp.x, codes, self.task))
+        images = e.inp.crop(ex.render(self.model, e.inp.x, codes, self.task, progress=progress))
         labels = [f"frame {i + 1}/{steps}" for i in range(steps)]
-        items = self._add(e, images, codes, labels, self._infos(e, images))
+        slugs = [f"frame{i + 1}of{steps}_{ia.slug}_to_{ib.slug}" for i in range(steps)]
+        items = self._add(e, images, codes, labels, self._infos(e, images), slugs)
         return self._answer(items, f"{steps} frames in {time.perf_counter() - t:.2f} s")
 
-    def add_reference(self, input: str | None, name: str, data: bytes) -> dict:
+    def add_reference(self, input: str | None, name: str, data: bytes, progress: Progress | None = None) -> dict:
         """A reference image for the guided search: decoded, resized to the outputs' size."""
         e = self._entry(input)
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "reference").name)[:80] or "reference"
@@ -368,7 +621,11 @@ class Explorer:
         finally:
             path.unlink(missing_ok=True)
         e.reference = resize(img[None], e.inp.output_hw)
-        return {"reference": e.id, "message": f"reference '{safe}' ({w}x{h}) resized to the outputs' size"}
+        return {
+            "reference": e.id,
+            "reference_png": f"api/reference/{e.id}.png",
+            "message": f"reference '{safe}' ({w}x{h}) resized to the outputs' size",
+        }
 
     def guided(
         self,
@@ -380,6 +637,7 @@ class Explorer:
         refine_steps: int = 0,
         seed: int = 0,
         compare: list[str] | None = None,
+        progress: Progress | None = None,
     ) -> dict:
         """The guided search on a painted hint (a PNG data URL, transparent where nothing was painted, at
         the outputs' size) or on the input's reference image; compared with the plain samples `compare`."""
@@ -388,12 +646,17 @@ class Explorer:
         k = _bounded("k", k, 1, 16)
         refine_steps = _bounded("refine_steps", refine_steps, 0, 200)
         L = self.model.cfg.levels
-        # One number m: m candidates at level 1, halved at each finer level (at least 2). The finest levels
-        # cost the most per candidate, and the coarse level decides the most (CHIMLE's schedules, e.g.
-        # 200, 200, 20, 10, also put more candidates on the coarse levels).
-        per_level = [max(2, samples >> l) for l in range(L)] if isinstance(samples, int) else list(samples)
+        # One number m: m candidates at level 1, a quarter as many at each finer level (at least 1 per match),
+        # shared among the k matches. The finest levels cost the most per candidate (4.9, 9.6, 20 GFLOP on
+        # sr8-small with a 48 px input), and the coarse level decides the most, the colours a hint asks for
+        # (CHIMLE's schedules, e.g. 200, 200, 20, 10, also put more candidates on the coarse levels).
+        if isinstance(samples, int) and not isinstance(samples, bool):
+            samples = _bounded("candidates", samples, 1, 1024)
+            per_level = [samples] + [max(1, samples >> (2 * l)) for l in range(1, L)]
+        else:
+            per_level = list(samples) if isinstance(samples, list) else []
         if len(per_level) != L or not all(isinstance(m, int) and 1 <= m <= 1024 for m in per_level):
-            raise BadRequest(f"samples: a count in 1..1024 (halved per level), or one per level ({L}), got {samples}")
+            raise BadRequest(f"candidates: a count in 1..1024, or one per level ({L}), got {samples!r}")
         if reference:
             if e.reference is None:
                 raise BadRequest("no reference image for this input: upload one first")
@@ -402,6 +665,18 @@ class Explorer:
             hint_t, mask = _decode_hint(hint, e.inp.output_hw)
             distance = None
         t = time.perf_counter()
+
+        def preview(level: int, imgs: Tensor, ds: Tensor) -> None:
+            """The best so far of each match (partial outputs at this level), for the page while it searches."""
+            # the padding cut off at this level's size
+            (ph, pw), (h, w) = e.inp.x.shape[-2:], e.inp.hw
+            sh, sw = imgs.shape[-2] // ph, imgs.shape[-1] // pw
+            shown = [
+                {"png": _data_url(i[:, : h * sh, : w * sw]), "label": f"best so far, level {level} of {L}: d = {v:.4g}"}
+                for i, v in zip(imgs, ds.tolist())
+            ]
+            progress(None, None, note=f"level {level} of {L} done", preview=shown)
+
         found = ex.guided_search(
             self.model,
             e.inp.x,
@@ -413,6 +688,9 @@ class Explorer:
             k=k,
             refine_steps=refine_steps,
             distance=distance,
+            progress=progress,
+            on_best=(lambda level, imgs, ds: preview(level, imgs, ds)) if progress is not None else None,
+            memory_budget=self.search_budget,
         )
         images = e.inp.crop(found.images)
         # every figure on the page measured the same way: on the cropped images
@@ -422,7 +700,9 @@ class Explorer:
         infos = self._infos(e, images)
         for info, d in zip(infos, dists.tolist()):
             info["distance"] = d
-        items = self._add(e, images, codes, [f"guided {i + 1}" for i in range(k)], infos)
+        kind = "reference" if mask is None else "hint"
+        slugs = [f"guided{i + 1}-{kind}_seed{seed}" for i in range(k)]
+        items = self._add(e, images, codes, [f"guided {i + 1}" for i in range(k)], infos, slugs)
         plain = [self.items[c] for c in (compare or []) if c in self.items and self.items[c].input == e.id]
         plain_d = (
             ex.hint_distance(torch.stack([p.image for p in plain]), hint_t, mask, distance).tolist() if plain else []
@@ -468,6 +748,24 @@ class Explorer:
             ],
             "message": message,
         }
+
+
+def _malloc_trim() -> bool:
+    """Hand the free memory of every malloc arena back to the kernel (glibc; False elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _data_url(image: Tensor) -> str:
+    return "data:image/png;base64," + base64.b64encode(ex.to_png_bytes(image)).decode()
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _bounded(name: str, value: Any, lo: int, hi: int) -> int:
@@ -525,29 +823,23 @@ def _pad_edge(inp: ex.Input, image: Tensor) -> Tensor:
 def build_app(explorer: Explorer):
     """The FastAPI app: the static page and the JSON API over `explorer`."""
     from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="chimle explore", docs_url=None, redoc_url=None, openapi_url=None)
     static = resources.files("chimle.apps") / "static"
     types = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 
-    async def run(fn, *args, **kw):
-        """Model work in a worker thread (the event loop stays free), one job at a time."""
-
-        def locked():
-            with explorer.job:
-                return fn(*args, **kw)
-
-        try:
-            return JSONResponse(await run_in_threadpool(locked))
-        except (BadRequest, ImageError, ValueError, FileNotFoundError) as err:
-            return _error(err, 400)
-        except Exception as err:  # noqa: BLE001 - the server stays up and the page says what happened
-            return _error(err, 500)
+    async def run(fn, *args, what: str = "working", op: str = "", **kw):
+        """Queue the work as a job and answer once it ended (the event loop stays free meanwhile)."""
+        job = explorer.jobs.submit(op or fn.__name__, what, lambda progress: fn(*args, **kw, progress=progress))
+        while not job.ended.is_set():
+            await asyncio.sleep(0.02)
+        if job.state == "done":
+            return JSONResponse(job.result)
+        return JSONResponse({"message": job.message}, status_code=job.status)
 
     def _error(err: Exception, status: int) -> JSONResponse:
-        msg = " ".join(str(err).split()) or type(err).__name__
+        msg = _one_line(err)
         if status == 500:
             msg = f"internal error: {type(err).__name__}: {msg}"
         return JSONResponse({"message": msg[:300]}, status_code=status)
@@ -589,24 +881,68 @@ def build_app(explorer: Explorer):
     def info() -> JSONResponse:
         return JSONResponse(explorer.info())
 
-    async def api(request: Request, fn, *names: str):
-        """A JSON operation: the body's fields are `fn`'s keyword arguments (unknown ones refused)."""
+    async def fields(request: Request, op: str) -> dict:
+        """The JSON body of an operation: its fields are the keyword arguments (unknown ones refused)."""
+        data = await json_body(request)
+        names = OPS[op][1]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(names)}")
+        return data
+
+    OPS = {
+        "sample": (explorer.sample, ("input", "num", "seed"), "sampling"),
+        "vary": (explorer.vary, ("item", "level", "num", "seed"), "varying"),
+        "interpolate": (explorer.interpolate, ("a", "b", "steps"), "interpolating"),
+        "guided": (
+            explorer.guided,
+            ("input", "hint", "reference", "k", "samples", "refine_steps", "seed", "compare"),
+            "searching",
+        ),
+    }
+
+    async def api(request: Request, op: str):
+        """An operation answered when it is done (scripts, the benchmark): the page uses /api/jobs."""
         try:
-            data = await json_body(request)
-            unknown = sorted(set(data) - set(names))
-            if unknown:
-                raise BadRequest(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(names)}")
+            data = await fields(request, op)
         except BadRequest as err:
             return _error(err, 400)
-        return await run(fn, **data)
+        return await run(OPS[op][0], what=OPS[op][2], op=op, **data)
 
-    async def upload_then(request: Request, fn, *args):
+    @app.post("/api/jobs/{op}")
+    async def submit(request: Request, op: str):
+        """Queue an operation and answer at once with its job's status; GET /api/jobs/ID follows it."""
+        if op not in OPS:
+            return _error(BadRequest(f"no operation '{op}' (one of {', '.join(OPS)})"), 404)
+        try:
+            data = await fields(request, op)
+        except BadRequest as err:
+            return _error(err, 400)
+        fn = OPS[op][0]
+        job = explorer.jobs.submit(op, OPS[op][2], lambda progress: fn(**data, progress=progress))
+        return JSONResponse(explorer.jobs.status(job), status_code=202)
+
+    @app.get("/api/jobs/{key}")
+    def job_status(key: str):
+        try:
+            return JSONResponse(explorer.jobs.status(explorer.jobs.get(key)))
+        except BadRequest as err:
+            return _error(err, 404)
+
+    @app.post("/api/jobs/{key}/cancel")
+    def job_cancel(key: str):
+        try:
+            return JSONResponse(explorer.jobs.status(explorer.jobs.cancel(key)))
+        except BadRequest as err:
+            return _error(err, 404)
+
+    async def upload_then(request: Request, fn, *args, what: str = "reading the image"):
         """An upload (the raw file as the body): `fn(*args, data)`."""
         try:
             data = await body(request)
         except BadRequest as err:
             return _error(err, 400)
-        return await run(fn, *args, data)
+        return await run(fn, *args, data, what=what)
 
     @app.post("/api/input")
     async def upload(request: Request, name: str = "upload", degrade: str = "0"):
@@ -614,28 +950,27 @@ def build_app(explorer: Explorer):
 
     @app.post("/api/example")
     async def example(name: str = "", degrade: str = "1"):
-        return await run(explorer.add_example, name, flag(degrade))
+        return await run(explorer.add_example, name, flag(degrade), what="loading the example")
 
     @app.post("/api/reference")
     async def reference(request: Request, input: str = "", name: str = "reference"):
-        return await upload_then(request, explorer.add_reference, input or None, name)
+        return await upload_then(request, explorer.add_reference, input or None, name, what="reading the reference")
 
     @app.post("/api/sample")
     async def sample(request: Request):
-        return await api(request, explorer.sample, "input", "num", "seed")
+        return await api(request, "sample")
 
     @app.post("/api/vary")
     async def vary(request: Request):
-        return await api(request, explorer.vary, "item", "level", "num", "seed")
+        return await api(request, "vary")
 
     @app.post("/api/interpolate")
     async def interpolate(request: Request):
-        return await api(request, explorer.interpolate, "a", "b", "steps")
+        return await api(request, "interpolate")
 
     @app.post("/api/guided")
     async def guided(request: Request):
-        fields = ("input", "hint", "reference", "k", "samples", "refine_steps", "seed", "compare")
-        return await api(request, explorer.guided, *fields)
+        return await api(request, "guided")
 
     def binary(fn, key: str, media: str, filename: str | None = None) -> Response:
         try:
@@ -648,6 +983,14 @@ def build_app(explorer: Explorer):
     @app.get("/api/input/{key}.png")
     def input_png(key: str) -> Response:
         return binary(explorer.input_png, key, "image/png")
+
+    @app.get("/api/reference/{key}.png")
+    def reference_png(key: str) -> Response:
+        return binary(explorer.reference_png, key, "image/png")
+
+    @app.post("/api/model")
+    async def switch_model(name: str = ""):
+        return await run(explorer.switch_model, name, what="loading the model")
 
     @app.get("/api/target/{key}.png")
     def target_png(key: str) -> Response:
@@ -665,9 +1008,13 @@ def build_app(explorer: Explorer):
 
 
 def _download_name(explorer: Explorer, key: str, ext: str) -> str:
+    """input_model_what_id.ext: the input's file, the model, how the result was made (sample, seed, level...)."""
     it = explorer.items.get(key)
-    stem = Path(explorer.inputs[it.input].name).stem if it is not None and it.input in explorer.inputs else "result"
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}_{key}.{ext}"
+    if it is None or it.input not in explorer.inputs:
+        return f"result_{key}.{ext}"
+    e = explorer.inputs[it.input]
+    parts = [Path(e.name).stem, "degraded" if e.inp.degraded else "", explorer.short_name(), it.slug[:120], key]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(p for p in parts if p)) + f".{ext}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +1026,22 @@ def demo_model(seed: int = 0) -> tuple[TowerModel, Task]:
     samples are noise around the upscaled input, not photos)."""
     torch.manual_seed(seed)
     return TowerModel(TowerConfig.preset("tiny", layout="upscale")).eval(), make_task("sr", scale=8)
+
+
+def model_menu(folder: str | Path | None = None) -> dict[str, str]:
+    """{name: what to load} for the page's menu: the models `chimle models` lists (shipped, then the user's),
+    then the weights in `folder` (.safetensors, .pt checkpoints, `save_pretrained` folders) by file name."""
+    from ..inference.weights import available_models
+
+    menu = {name: name for name in available_models()}
+    if folder is not None:
+        d = Path(folder)
+        if not d.is_dir():
+            raise ValueError(f"--models: '{d}' is not a folder")
+        for q in sorted(d.iterdir()):
+            if (q.suffix in (".safetensors", ".pt") and q.is_file()) or (q / "config.json").is_file():
+                menu.setdefault(q.stem if q.is_file() else q.name, str(q))
+    return menu
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -695,6 +1058,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-pixels", type=int, default=1 << 20, help="largest output, in pixels (default 1 MP)")
     p.add_argument("--max-upload-mb", type=float, default=50.0)
+    p.add_argument(
+        "--models",
+        metavar="DIR",
+        help="a folder of weights (.safetensors, .pt, model folders) for the page's model menu, with the shipped",
+    )
     add_threads_argument(p)
     return p
 
@@ -719,12 +1087,25 @@ def main(argv: list[str] | None = None) -> int:
             model, task_cfg = load_with_task(a.weights, a.device)
             task, name = (make_task(**task_cfg) if task_cfg else None), str(a.weights)
         model = model.to(a.device)
-        explorer = Explorer(model, task, name=name, max_pixels=a.max_pixels, max_upload=int(a.max_upload_mb * 2**20))
+        models = model_menu(a.models)
+        if not a.demo:  # the model given, under its menu name when the menu has it (a file of --models DIR)
+            given = Path(str(a.weights)).resolve()
+            name = next((k for k, v in models.items() if k == name or Path(v).resolve() == given), name)
+            models.setdefault(name, str(a.weights))
+        explorer = Explorer(
+            model,
+            task,
+            name=name,
+            max_pixels=a.max_pixels,
+            max_upload=int(a.max_upload_mb * 2**20),
+            models=models,
+        )
         app = build_app(explorer)
         # Bind the socket here so that --port 0 can print the port it got before serving.
         sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((a.host, a.port))
+        sock.listen(128)  # connections made once the address is printed wait for the server, not get refused
     except (ValueError, OSError) as err:
         if os.environ.get("CHIMLE_DEBUG"):
             raise

@@ -36,9 +36,9 @@ from .. import latent
 from ..data.imageio import load_image, save_image
 from ..data.tasks import Task, make_task
 from ..latent import Codes, Component
+from ..memory import chunk_rows
 from ..model import TowerModel
 from ..resample import resize
-from ..search import hierarchical
 from .sample import eval_mode, redraw_from
 from .tiling import pad_to_tower
 from .weights import load_with_task
@@ -141,29 +141,45 @@ def prepare(model: TowerModel, task: Task | None, image: Tensor, degrade: bool =
 # Samples, variations, interpolation
 
 
+Progress = Callable[[float, float], None]  # progress(done, total): may raise to stop the work (a cancel)
+
+
 @torch.inference_mode()
-def render(model: TowerModel, x: Tensor, codes: Codes, task: Task | None = None) -> Tensor:
+def render(
+    model: TowerModel, x: Tensor, codes: Codes, task: Task | None = None, progress: Progress | None = None
+) -> Tensor:
     """The last level's output for every code of a batch, as RGB: (N, 3, H, W) for an input x (1, C, h, w).
 
     One code at a time (batch 1), whatever N: the page and `sample_with_code` then run the very same
-    computation for a code, so a downloaded code reproduces its image exactly."""
+    computation for a code, so a downloaded code reproduces its image exactly. `progress(i, N)` is called
+    before each code and after the last."""
     x = x.to(model.device)
-    out = []
+    out, n = [], codes[0].style.shape[0]
     with eval_mode(model), parametrize.cached():
-        for i in range(codes[0].style.shape[0]):
+        for i in range(n):
+            if progress is not None:
+                progress(i, n)
             y = model(x, latent.to(latent.index(codes, [i]), model.device))[-1]
             out.append(y if task is None else task.rgb(y, x))
+    if progress is not None:
+        progress(n, n)
     return torch.cat(out).float().cpu()
 
 
 def draw_samples(
-    model: TowerModel, x: Tensor, num: int, generator: torch.Generator | None = None, *, task: Task | None = None
+    model: TowerModel,
+    x: Tensor,
+    num: int,
+    generator: torch.Generator | None = None,
+    *,
+    task: Task | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, Codes]:
     """`num` samples of one input x (1, C, h, w), every level's component drawn independently (as at test
     time): (images (num, 3, H, W), their codes (batch num, on the CPU))."""
     _check_one(x)
     codes = latent.to(model.sample_codes(num, generator, input_hw=tuple(x.shape[-2:])), "cpu")
-    return render(model, x, codes, task), codes
+    return render(model, x, codes, task, progress), codes
 
 
 def vary(
@@ -175,6 +191,7 @@ def vary(
     generator: torch.Generator | None = None,
     *,
     task: Task | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, Codes]:
     """`num` variations of one sample: its components z_1..z_{level-1} kept, z_level..z_L redrawn (level 1
     redraws everything; level L varies only the finest details). `codes` is that sample's code (batch 1).
@@ -188,7 +205,7 @@ def vary(
     # redraw_from draws on the generator's device; the CPU copy is what the page keeps and saves
     new = redraw_from(model, base, level, generator, tuple(x.shape[-2:]))
     new = latent.to(new, "cpu")
-    return render(model, x, new, task), new
+    return render(model, x, new, task, progress), new
 
 
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
@@ -293,14 +310,29 @@ def guided_search(
     prior_weight: float = 1.0,
     lr: float = 0.05,
     distance: Callable | None = None,
+    progress: Progress | None = None,
+    on_best: Callable[[int, Tensor, Tensor], None] | None = None,
+    memory_budget: int | str | None = 256 << 20,
 ) -> Found:
-    """The codes whose outputs best match a hint: k independent runs of CHIMLE's hierarchical search
-    (Algorithm 1) with the hint as the target, then optionally `refine_steps` of Adam on each code.
+    """The codes whose outputs best match a hint: CHIMLE's hierarchical search (Algorithm 1) with the hint as
+    the target, k matches sharing the work of the coarse level, then optionally `refine_steps` of Adam on each.
 
     hint (1, 3, H, W) in [0, 1] at the (padded) output size; mask (1, 1, H, W) in [0, 1], 1 where the
     user painted: the distance is then `MaskedL2` (only the painted pixels count, at every level of the
     search). mask=None: the hint is a whole reference image, compared with `distance` (default LPIPS
     AlexNet, whose weights must be installed).
+
+    samples_per_level (m_1..m_L): candidates per level, in all. Level 1 judges its m_1 candidates once and
+    keeps the best k as the prefixes of the k matches (k independent searches would judge k m_1); at each
+    finer level every match draws m_l / k candidates (at least 1) on top of its cached prefix and keeps its
+    best. A level with one candidate per match is not judged (nothing to choose). The prefixes are run one
+    code at a time, as `render` runs them, so the last level's output of each match is its final image, bit
+    for bit: no render afterwards. The coarse levels cost the least per candidate and decide the most (the
+    colours a hint asks for), hence more candidates there. Candidates are judged in chunks within
+    `memory_budget` (`chimle.search.Scorer`).
+
+    `progress(done, total)` reports the work (FLOPs) done, after every chunk; `on_best(level, images,
+    distances)` the best so far of each match after each level (partial outputs, (k', 3, h_l, w_l)).
 
     Refinement, as IvO optimises codes: minimise d(f(x, z), hint) + prior_weight * sum over the parts of
     z (each level's style and noise) of (|part|^2 / dim - 1)^2. The penalty keeps each part on the shell
@@ -308,14 +340,20 @@ def guided_search(
     without it the code drifts off the prior and the output stops looking like the model's samples.
     Each code keeps the best point of its path by distance, so refinement never makes a match worse.
     """
+    from ..search import Scorer
+
     _check_one(x)
     if mask is not None and float(mask.sum()) <= 0:
         raise ValueError("the hint is empty: paint on the sample first (or give a reference image)")
     if hint.ndim != 4 or hint.shape[:2] != (1, 3):
         raise ValueError(f"hint must be (1, 3, H, W), got {tuple(hint.shape)}")
-    out_hw = model.cfg.output_sizes(*x.shape[-2:])[-1]
-    if tuple(hint.shape[-2:]) != tuple(out_hw):
-        raise ValueError(f"the hint is {hint.shape[-2]}x{hint.shape[-1]}, the outputs are {out_hw[0]}x{out_hw[1]}")
+    L = model.cfg.levels
+    sizes = model.cfg.output_sizes(*x.shape[-2:])
+    if tuple(hint.shape[-2:]) != tuple(sizes[-1]):
+        h, w = sizes[-1]
+        raise ValueError(f"the hint is {hint.shape[-2]}x{hint.shape[-1]}, the outputs are {h}x{w}")
+    if len(samples_per_level) != L or min(samples_per_level) < 1:
+        raise ValueError(f"samples_per_level needs one count >= 1 per level ({L}), got {list(samples_per_level)}")
     if mask is not None:
         d = MaskedL2(mask)
     elif distance is not None:
@@ -326,25 +364,98 @@ def guided_search(
         d = LPIPS("alex")
     if isinstance(d, torch.nn.Module):
         d = d.to(model.device)
-    hint = hint.clamp(0, 1).to(model.device)
-    xs = x.to(model.device).expand(k, -1, -1, -1)
-    codes, _ = hierarchical(
-        model,
-        xs,
-        hint.expand(k, -1, -1, -1),
-        d,
-        samples_per_level,
-        generator,
-        to_rgb=None if task is None else task.rgb,
-    )
-    codes = latent.to(codes, "cpu")
+    device = model.device
+    hint = hint.clamp(0, 1).to(device)
+    x = x.to(device)
+    to_rgb = (lambda out, inp: out) if task is None else task.rgb
+    layout = model.latent_layout(tuple(x.shape[-2:]))
+    beams = min(k, samples_per_level[0])
+    per_beam = [samples_per_level[0]] + [max(1, m // beams) for m in samples_per_level[1:]]
+
+    # the work, in FLOPs: candidates judged, the prefixes run one code at a time, refinement (a backward costs
+    # about twice its forward) and the renders after it
+    cost = step_costs(model, tuple(x.shape[-2:]))
+    total = cost[0] * (per_beam[0] + beams)
+    for l in range(2, L + 1):
+        m = per_beam[l - 1]
+        total += cost[l - 1] * beams * (1 if m == 1 else m if l == L else m + 1)
     if refine_steps > 0:
-        codes = _refine(model, x, hint, d, codes, task, refine_steps, prior_weight, lr)
-    images = render(model, x, codes, task)
+        total += (3 * refine_steps + 1) * k * sum(cost)
+    done = 0.0
+
+    def tick(units: float) -> None:
+        nonlocal done
+        done += units
+        if progress is not None:
+            progress(min(done, total), total)
+
+    sc = Scorer(model, x, hint, d, None if task is None else task.rgb, memory_budget)
+    targets = [resize(hint, hw) for hw in sizes]
+    tick(0)
+    with sc.context():
+        # level 1: m_1 candidates judged once for all the matches (the state of the input is shared)
+        z1 = layout.sample_level(1, per_beam[0], generator, device)
+        d1 = torch.empty(per_beam[0], device=device)
+        chunk = chunk_rows(model, range(1, 2), tuple(x.shape[-2:]), sc.budget)
+        for lo in range(0, per_beam[0], chunk):
+            hi = min(lo + chunk, per_beam[0])
+            d1[lo:hi] = sc.score(sc.initial, 1, [latent.Component(z1.style[lo:hi], z1.noise[lo:hi])], hi - lo)[0]
+            tick(cost[0] * (hi - lo))
+        picks = d1.argsort()[:beams].tolist()
+        chosen = [[latent.Component(z1.style[j : j + 1], z1.noise[j : j + 1])] for j in picks]
+        # each match's prefix, one code at a time: the very computation `render` makes
+        states = []
+        for code in chosen:
+            states.append(model.step(1, model.initial_state(x.clone()), code[0]))
+            tick(cost[0])
+        if on_best is not None:
+            on_best(1, torch.cat([to_rgb(s.output, x) for s in states]).float().cpu(), d1[picks].float().cpu())
+        for l in range(2, L + 1):
+            m = per_beam[l - 1]
+            last = l == L
+            for b in range(beams):
+                z = layout.sample_level(l, m, generator, device)
+                if m == 1:  # nothing to choose: the one candidate is the match's next component
+                    j = 0
+                elif last:  # the final images: each candidate at batch 1, as `render`
+                    outs, ds = [], []
+                    for j in range(m):
+                        s = model.step(l, states[b], latent.Component(z.style[j : j + 1], z.noise[j : j + 1]))
+                        outs.append(s)
+                        ds.append(float(d(to_rgb(s.output, x).float(), targets[-1])[0]))
+                        tick(cost[l - 1])
+                    j = int(torch.tensor(ds).argmin())
+                    states[b] = outs[j]
+                else:
+                    dl = sc.score(states[b], l, [z], m)[0]
+                    tick(cost[l - 1] * m)
+                    j = int(dl.argmin())
+                chosen[b].append(latent.Component(z.style[j : j + 1], z.noise[j : j + 1]))
+                if not (last and m > 1):
+                    states[b] = model.step(l, states[b], chosen[b][-1])
+                    tick(cost[l - 1])
+            if on_best is not None:
+                images = torch.cat([to_rgb(s.output, x) for s in states]).float()
+                on_best(l, images.cpu(), d(images, targets[l - 1].expand(beams, -1, -1, -1)).float().cpu())
+        codes = latent.cat([latent.to(c, "cpu") for c in chosen])
+        images = torch.cat([to_rgb(s.output, x) for s in states]).float()
+        del states
+    codes = _detach(codes)
+    if refine_steps > 0:
+        full = sum(cost)
+        codes = _refine(model, x, hint, d, codes, task, refine_steps, prior_weight, lr, lambda i: tick(3 * full))
+        images = render(model, x, codes, task, lambda i, n: tick(full) if i else None)
     with torch.no_grad():
-        dists = d(images.to(model.device), hint.expand(k, -1, -1, -1)).float().cpu()
+        dists = d(images.to(device), hint.expand(images.shape[0], -1, -1, -1)).float().cpu()
     order = dists.argsort()
-    return Found(images[order], latent.index(codes, order), dists[order])
+    if progress is not None:
+        progress(total, total)
+    return Found(images.cpu()[order], latent.index(codes, order), dists[order])
+
+
+def _detach(codes: Codes) -> Codes:
+    # copies made outside inference mode: the refinement's Adam takes gradients through them
+    return [latent.Component(c.style.clone(), c.noise.clone()) for c in codes]
 
 
 def _refine(
@@ -357,8 +468,19 @@ def _refine(
     steps: int,
     prior_weight: float,
     lr: float,
+    on_step: Callable[[int], None] | None = None,
 ) -> Codes:
-    """Adam on each code (rows independent: the loss is a sum of per-row terms), keeping each row's best."""
+    """Adam on each code, keeping each one's best point; one code at a time (the rows are independent: the loss
+    is a sum of per-row terms and Adam works per element), so that the activations kept for the backward pass
+    are those of one output, not k."""
+    k = codes[0].style.shape[0]
+    if k > 1:
+        return latent.cat(
+            [
+                _refine(model, x, hint, d, latent.index(codes, [i]), task, steps, prior_weight, lr, on_step)
+                for i in range(k)
+            ]
+        )
     device = model.device
     k = codes[0].style.shape[0]
     layout = model.latent_layout(tuple(x.shape[-2:]))
@@ -383,6 +505,8 @@ def _refine(
                 best_z[better] = z.detach()[better]
                 if step == steps:  # the last point is measured, not stepped from
                     break
+                if on_step is not None:
+                    on_step(step)
                 prior = sum((z[:, o : o + n].pow(2).mean(1) - 1).pow(2) for o, n in parts)
                 opt.zero_grad(set_to_none=True)
                 (dist + prior_weight * prior).sum().backward()
@@ -391,6 +515,31 @@ def _refine(
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     return latent.to(latent.unflatten(best_z, layout), "cpu")
+
+
+_COSTS: dict[str, list[float]] = {}
+
+
+def step_costs(model: TowerModel, input_hw: tuple[int, int]) -> list[float]:
+    """FLOPs of each level's step for one code and an input of `input_hw`: counted once per model on a 16 x 16
+    input and scaled by the area (every layer is a convolution or works per pixel, bar the small mapping
+    networks). What a job's progress is measured in, so that its estimate of the time left holds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = repr(model.cfg)  # the costs depend on the architecture only
+    if key not in _COSTS:
+        x = torch.rand(1, model.cfg.in_channels, 16, 16, device=model.device)
+        codes = model.sample_codes(1, input_hw=(16, 16))
+        state, costs = model.initial_state(x), []
+        # no_grad, not inference_mode: the weight-norm parametrisation fails under the FLOP counter in inference mode
+        with torch.inference_mode(False), torch.no_grad(), eval_mode(model), parametrize.cached():
+            for level, z in enumerate(codes, 1):
+                with FlopCounterMode(display=False) as count:
+                    state = model.step(level, state, z)
+                costs.append(float(count.get_total_flops()))
+        _COSTS[key] = costs
+    area = input_hw[0] * input_hw[1] / 256
+    return [c * area for c in _COSTS[key]]
 
 
 # ---------------------------------------------------------------------------------------------
