@@ -53,7 +53,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     task: str = "sr"  # sr | colorize | jpeg | paired | night (synthetic night-to-day) | layout (label maps)
-    data: str = ""  # folder of training photos (targets); "builtin" = scikit-image's photos; "wallpapers" = Debian's
+    # folder of training photos (targets), or a keyword: "builtin" = scikit-image's photos (held out from the
+    # shipped models), "wallpapers" = the 28 Debian photos of the -small models, "photos" = the photo corpus
+    data: str = ""
     target: str = ""  # paired and layout tasks: folder of target images (then `data` holds the inputs)
     val_data: str = ""  # optional folder of held-out photos for sample grids ("" = none)
     scale: int = 8  # sr only: upscaling factor, 2^levels (16 in CHIMLE, 8 in cIMLE)
