@@ -338,7 +338,7 @@ def test_a_photo_too_large_is_scaled_when_degraded_and_reproduces(explorer, sr, 
     assert (got["width"], got["height"]) == (180, 216)  # cropped to a multiple of the scale
     item = explorer.sample(got["input"], num=1, seed=3)["items"][0]["id"]
     code, meta = ex.load_code(io.BytesIO(explorer.item_npz(item)))
-    assert meta["resize"] == [219, 182]
+    assert meta["resize"] == [219, 182] and meta["threads"] == torch.get_num_threads()
     torch.save(
         {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "task_config": task.config(), "step": 0},
         tmp_path / "last.pt",

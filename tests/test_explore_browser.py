@@ -360,6 +360,16 @@ def test_bug_examples_follow_degrade(fresh):
     assert ticked  # ticked from the start for a super-resolution model (the examples were always degraded)
 
 
+def _doc_shot(page, name: str, part: str | None = None) -> None:
+    """With CHIMLE_EXPLORE_SCREENSHOTS=DIR: the part of the page (or the window) in 256 colours, for the docs."""
+    if not os.environ.get("CHIMLE_EXPLORE_SCREENSHOTS"):
+        return
+    docs = Path(os.environ["CHIMLE_EXPLORE_SCREENSHOTS"])
+    docs.mkdir(parents=True, exist_ok=True)
+    png = page.locator(part).screenshot() if part else page.screenshot()
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(docs / f"{name}.png", optimize=True)
+
+
 def _paint(page, fx: float = 0.2, fy: float = 0.25, strokes: int = 6) -> None:
     """Strokes across the paint canvas, from (fx, fy) of its box: a painted patch."""
     box = page.locator("#paint").bounding_box()
@@ -412,6 +422,7 @@ def test_status_progress_cancel_and_queue(browser, server, fresh):
     assert _in_view(page, "#progress") and _in_view(page, "#cancel")
     page.wait_for_selector("#guided-results .card.preview")  # the best so far, once level 1 is judged
     assert "best so far, level" in page.inner_text("#guided-results .card.preview figcaption")
+    _doc_shot(page, "08_search_progress")  # the window: the guided-search section and the status bar
     assert (
         0
         < float(page.get_attribute("#progress", "value") or page.evaluate("document.getElementById('progress').value"))
@@ -488,6 +499,7 @@ def test_full_size_compare_models_reference_brush_names(fresh, files, weights):
         page.is_visible("#viewer-other") and page.evaluate("document.getElementById('viewer-other').clientWidth") == 256
     )
     assert "api/input/" in page.get_attribute("#viewer-other", "src")
+    _doc_shot(page, "09_full_size_compare", "#viewer")
     compare.select_option("b")
     assert page.get_attribute("#viewer-other", "src") == f"api/item/{ids[1]}.png"
     page.get_by_role("button", name="Close").click()
@@ -520,6 +532,7 @@ def test_full_size_compare_models_reference_brush_names(fresh, files, weights):
         "document.querySelectorAll('#guided-results .card:not(.preview):not(.reference)').length === 1"
     )
     assert page.is_visible("#guided-results .card.reference img") and "LPIPS" in page.inner_text("#message")
+    _doc_shot(page, "10_reference", "#guided-panel")
     page.get_by_role("button", name="Clear hint").click()
     alpha = "(c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 === 3 && v))"
     assert page.evaluate(f"{alpha}(document.getElementById('paint')).length") == 0

@@ -3,6 +3,7 @@
     chimle explore [WEIGHTS] [--host 127.0.0.1] [--port 7860]    # default: the shipped sr8-small
     chimle explore colorize-small                                # any name `chimle models` lists, or a file
     chimle explore --demo                                        # a random-init tiny 8x SR tower: a smoke run
+    chimle explore --models runs/exported                        # that folder's weights in the page's model menu
     python -m chimle.apps.explore ...                            # the same
 
 A small FastAPI app (the `app` extra: `pip install "chimle[app]"`) serving one static page
@@ -12,22 +13,34 @@ downgrade the project's Pillow, and it brings ~260 MB of dependencies and a 7-9 
 
 The page loads nothing but this server's own files: no font, script or analytics from outside. The
 server keeps the inputs and results of recent requests (bounded, oldest dropped) in memory, each result
-with its latent code, and runs one model job at a time (a lock; later requests wait their turn).
+as its PNG with its latent code. Model work runs as jobs, one at a time in one worker thread, first come
+first served (`JobQueue`): a job reports its progress (in FLOPs, so that the estimate of the time left
+holds), its place in the queue while it waits, the best so far of a guided search, and stops at its next
+unit of work when cancelled. After every job the server frees what it left (garbage, and the memory glibc
+would keep), so that idle it holds its model and results, not the peak of its last search.
 
 Bad input never stops the server: a non-image or corrupt upload, an image whose outputs would exceed
 `--max-pixels`, an empty hint, an unknown id each answer 400 with a one-line `message` that the page
 shows; grey, RGBA, palette and 16-bit images are converted (`chimle.data.imageio.load_image`).
 
 API (JSON in and out; uploads are the raw file as the request body):
-    GET  /api/info                                   model, task, levels, examples, limits
+    GET  /api/info                                   model, task, levels, examples, limits, the model menu
+    POST /api/model?name=N                           load another model of the menu (inputs and results dropped)
     POST /api/input?name=F&degrade=0|1   (file)      -> input id, its picture, the real image if degraded
     POST /api/example?name=N&degrade=0|1             a bundled photo (scikit-image's) as the input
     POST /api/sample      {input, num, seed}         -> items (each: id, png, npz, label, consistency)
     POST /api/vary        {item, level, num, seed}   -> items sharing z_1..z_{level-1} with `item`
     POST /api/interpolate {a, b, steps}              -> frames between two items' codes
     POST /api/reference?input=I&name=F   (file)      -> a reference image for the guided search
+    GET  /api/reference/I.png                        that reference, at the outputs' size
     POST /api/guided      {input, hint | reference, k, samples, refine_steps, seed, compare}
-    GET  /api/item/ID.png, /api/item/ID.npz          a result and its code (`chimle sample --code`)
+    GET  /api/item/ID.png, /api/item/ID.npz          a result and its code (`chimle sample --code`), named
+                                                     input_[degraded_]model_what-made-it_seed_ID
+    POST /api/jobs/OP     (OP: sample, vary, interpolate, guided; the same body) -> a job's status, at once
+    GET  /api/jobs/ID                                state, ahead (jobs before it), fraction, eta_s, preview,
+                                                     and once ended: result (the operation's answer), message
+    POST /api/jobs/ID/cancel                         a queued job leaves the queue, a running one stops
+The operations above (sample, vary, interpolate, guided) answer when their job ended; the page uses the jobs.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time
@@ -335,17 +348,6 @@ class Explorer:
         an idle server holds its model and the results kept, not the peak of its last search."""
         gc.collect()
         _malloc_trim()
-
-    def run(self, op: str, what: str, fn: Callable[..., dict], **kw) -> Job:
-        """Queue `fn(**kw, progress=...)` as a job; `wait` on it for the answer."""
-        return self.jobs.submit(op, what, lambda progress: fn(**kw, progress=progress))
-
-    def wait(self, job: Job) -> dict:
-        """The answer of a job once it ended, or its error raised again as BadRequest / RuntimeError."""
-        job.ended.wait()
-        if job.state == "done":
-            return job.result
-        raise (BadRequest if job.status in (400, 409) else RuntimeError)(job.message)
 
     def close(self) -> None:
         """Stop the job queue and remove the upload folder this explorer made (a given `workdir` stays)."""
@@ -729,7 +731,8 @@ class Explorer:
         it = self._item(key)
         e = self._entry(it.input)
         buf = io.BytesIO()
-        extra = {"resize": list(e.resize)} if e.resize else {}
+        # the server's torch threads: `sample_with_code` renders with as many (the last bit can depend on it)
+        extra = {"threads": torch.get_num_threads(), **({"resize": list(e.resize)} if e.resize else {})}
         meta = ex.code_meta(self.model, self.task, e.inp, input_name=e.name, label=it.label, **extra)
         ex.save_code(buf, it.codes, meta)
         return buf.getvalue()
@@ -1033,7 +1036,7 @@ def model_menu(folder: str | Path | None = None) -> dict[str, str]:
     then the weights in `folder` (.safetensors, .pt checkpoints, `save_pretrained` folders) by file name."""
     from ..inference.weights import available_models
 
-    menu = {name: name for name in available_models()}
+    menu = {name: str(path) for name, path in available_models().items()}
     if folder is not None:
         d = Path(folder)
         if not d.is_dir():

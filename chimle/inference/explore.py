@@ -655,7 +655,8 @@ def sample_with_code(
 ) -> Path:
     """`chimle sample WEIGHTS INPUT --code CODE.npz --out DIR`: the output of that code for that input,
     exactly as the page showed it, written to DIR/<input>_<code>.png. The input is prepared as the page
-    prepared it (`degrade` defaults to what the code file records)."""
+    prepared it (`degrade` defaults to what the code file records), and rendered with the number of CPU
+    threads it records (the page's)."""
     model, task_cfg = load_with_task(weights, device)
     task = make_task(**task_cfg) if task_cfg else None
     codes, meta = load_code(code)
@@ -664,7 +665,15 @@ def sample_with_code(
         image = resize(image, tuple(meta["resize"]))
     inp = prepare(model, task, image, bool(meta.get("degrade", False)) if degrade is None else degrade)
     check_code(model, codes, inp.x, f"code '{code}'")
-    image = inp.crop(render(model, inp.x, codes, task))[0]
+    # With the page's number of threads: how a CPU convolution splits its work can change the last float bit,
+    # and then, now and again, a pixel's 8-bit value (measured on sr8-small: 1 thread against 2, 1 PNG of 2).
+    before = torch.get_num_threads()
+    if meta.get("threads") and device == "cpu":
+        torch.set_num_threads(int(meta["threads"]))
+    try:
+        image = inp.crop(render(model, inp.x, codes, task))[0]
+    finally:
+        torch.set_num_threads(before)
     return save_image(image, Path(out) / f"{Path(input).stem}_{Path(code).stem}.png")
 
 

@@ -17,7 +17,10 @@ function say(text, error = false) {
 // One request at a time from this page (the server runs one model job at a time anyway): the buttons are
 // disabled while it runs, bar Cancel; the status bar at the bottom of the window says what is running.
 function busy(on, what = "") {
-  for (const b of document.querySelectorAll("button")) if (b.id !== "cancel") b.disabled = on;
+  // looking at results (full size, Close) stays possible while a job runs
+  for (const b of document.querySelectorAll("button")) {
+    if (b.id !== "cancel" && b.id !== "viewer-close" && !b.classList.contains("view")) b.disabled = on;
+  }
   $("busy").hidden = !on;
   $("progress-area").hidden = !on;
   $("cancel").hidden = !on || !state.job;
@@ -79,6 +82,7 @@ function describe(st) {
 // place in the queue, the best so far of a search) until it ends; Cancel stops it.
 async function runJob(op, body, what, onStatus = null) {
   state.job = null;
+  say(""); // the last message (an error, say) no longer applies
   busy(true, what);
   try {
     let st = await fetchJSON(`api/jobs/${op}`, {
