@@ -7,8 +7,9 @@ time of one sample from a 48x48 input to sr8-small, onnxruntime against PyTorch.
 Exports sr8-small at 48x48 twice (dynamic batch and size, the default; --static) and colorize-small at 64x64
 (dynamic), checks each graph against the tower on scikit-image's photos (the largest |difference|), then times
 one sample: input and code in, the 384x384 image out (PyTorch: `model(x, codes)[-1]` under inference_mode;
-onnxruntime: `session.run`), after 3 warm-up runs, a fresh code each time. Prints the median and the fastest
-time, with the load average beside them (the machine may be shared). Needs the onnx extra.
+onnxruntime: `session.run`), after 3 warm-up runs, a fresh code each time, the three taking turns. Prints the
+median and the fastest time, PyTorch's median over this one's, and the load average (the machine may be
+shared). Needs the onnx extra.
 """
 
 from __future__ import annotations
@@ -63,14 +64,18 @@ def max_diff(model, sess: ort.InferenceSession, x: torch.Tensor, batch: int | No
     return worst
 
 
-def timed(fn, repeat: int) -> list[float]:
-    for _ in range(3):
-        fn()
-    times = []
+def timed(fns: dict, repeat: int) -> dict[str, list[float]]:
+    """Times of each function, run in turn (one of each per round), so that a change of the machine's load
+    falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
     return times
 
 
@@ -115,21 +120,20 @@ def main() -> None:
             with torch.inference_mode():
                 return sr(x, codes)[-1]
 
-        rows = {"PyTorch (eager)": timed(torch_sample, a.repeat)}
+        fns = {"PyTorch (eager)": torch_sample}
         for label, key in (
             ("onnxruntime, dynamic graph", "sr8-small"),
             ("onnxruntime, static graph", "sr8-small --static"),
         ):
             sess = session(files[key], threads)
-            rows[label] = timed(
-                lambda s=sess: s.run(["output"], onnx_feed(x, sr.sample_codes(1, g, input_hw=(48, 48)))), a.repeat
-            )
+            fns[label] = lambda s=sess: s.run(["output"], onnx_feed(x, sr.sample_codes(1, g, input_hw=(48, 48))))
+        rows = timed(fns, a.repeat)
         base = statistics.median(rows["PyTorch (eager)"])
         for label, times in rows.items():
             med = statistics.median(times)
             print(
                 f"  {threads} thread(s)  {label:28s} {med * 1e3:7.1f} ms / {min(times) * 1e3:7.1f} ms"
-                f"  (x{base / med:.2f} of PyTorch)  load {os.getloadavg()[0]:.1f}"
+                f"  PyTorch / this x{base / med:.2f}  load {os.getloadavg()[0]:.1f}"
             )
     print(f"files: {out}")
 

@@ -3,7 +3,8 @@ samples as PyTorch, within 1e-4, from the shipped models on real photos shrunk t
 
 One export per model (each takes seconds: torch.export traces the whole tower): colorize-small with a dynamic
 batch and size (the "same" layout, whose input pyramid the exporter writes itself), run at two sizes and two
-batches; sr8-small through the command line with --static at 48x48 (benchmarks/onnx_latency.py times it).
+batches; sr8-small through the command line with --static at 48x48 (benchmarks/onnx_latency.py times it and
+checks its dynamic export; so were the noise-encoder and the authors' towers checked once, not here).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_sr8_small_static_export_from_the_cli_matches_pytorch_on_photos(photos, 
     session = _session(path)
     assert session.get_inputs()[0].shape == [1, 3, 48, 48] and session.get_outputs()[0].shape == [1, 3, 384, 384]
     task = make_task(**task_cfg)
-    x = task.degrade(_targets(photos, 384, 384))  # 8x smaller: 48x48 inputs
+    x = task.degrade(_targets(photos[:3], 384, 384))  # 8x smaller: 48x48 inputs (all 6: the benchmark)
     diffs = [_max_diff(model, session, x[i : i + 1], seed=i) for i in range(len(x))]
     print("sr8-small 48x48: ONNX max |diff| per photo", " ".join(f"{d:.2e}" for d in diffs))
     assert max(diffs) < TOL, diffs

@@ -97,6 +97,10 @@ def test_the_cli_writes_a_folder_and_samples_from_it(photos, tmp_path, capsys):
     assert main(["sample", str(folder), str(src), "--num", "2", "--out", str(tmp_path / "out")]) == 0
     outs = sorted(p.name for p in (tmp_path / "out").rglob("*.png") if not p.name.endswith("_grid.png"))
     assert len(outs) == 2, outs
+    # and back to one file, card and all
+    assert main(["export", str(folder), str(tmp_path / "w.safetensors")]) == 0
+    _same_weights(chimle.load("sr8-small"), chimle.load(tmp_path / "w.safetensors"))
+    assert model_card(tmp_path / "w.safetensors")["summary"] == model_card("sr8-small")["summary"]
 
 
 @pytest.mark.parametrize(

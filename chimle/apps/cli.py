@@ -5,7 +5,7 @@
                  [--resume] [--config FILE] [--set key=value ...]
     chimle sample CHECKPOINT INPUT --num N --out DIR [--seed S] [--from-level K] [--same-code] [--interpolate]
                   [--tile N|auto] [--project]
-    chimle export CHECKPOINT OUT.safetensors|DIR [--card CARD.json]     (DIR: a model folder, from any model)
+    chimle export MODEL OUT.safetensors|DIR [--card CARD.json]     (DIR: a model folder)
     chimle export MODEL OUT.onnx --size H W [--static [--batch N]]     (needs `pip install "chimle[onnx]"`)
     chimle convert AUTHORS_CHECKPOINT OUT.safetensors --task sr|colorize|jpeg|night
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_argument(p)
 
     p = sub.add_parser("export", help="checkpoint -> safetensors weights, a model folder (DIR) or ONNX (OUT.onnx)")
-    p.add_argument("checkpoint", help="training checkpoint (DIR, .onnx: also weights, a model folder or a name)")
+    p.add_argument("checkpoint", help="training checkpoint, exported .safetensors, model folder, or a name")
     p.add_argument("out", help="OUT.safetensors, OUT.onnx, or a folder: config.json, model.safetensors, README.md")
     p.add_argument("--card", help="a model card (JSON) to store in the file's metadata (`chimle models` shows it)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="ONNX: the input size to export for")

@@ -1,6 +1,7 @@
 """ONNX export of a tower: one graph that draws any sample, the latent code being among its inputs.
 
-    export_onnx(chimle.load("sr8-small"), "sr8.onnx", size=(48, 48), task={"name": "sr", "scale": 8})
+    model = chimle.load("sr8-small")
+    export_onnx(model, "sr8.onnx", size=(48, 48), task={"name": "sr", "scale": 8})   # `chimle export`
     session = onnxruntime.InferenceSession("sr8.onnx")
     codes = model.sample_codes(4, torch.Generator().manual_seed(0), input_hw=(48, 48))
     y = session.run(None, onnx_feed(x, codes))[0]      # == model(x, codes)[-1], within float rounding
@@ -92,8 +93,8 @@ class _Sampler(nn.Module):
 
 def _plain(model: TowerModel) -> TowerModel:
     """A copy in eval mode whose weight-normalised convs hold their weights g * v / ||v|| as plain tensors:
-    computed once here instead of by the graph at every run (and traced once per conv instead of one
-    norm per conv, which halves the export's time)."""
+    computed once here rather than stored as g and v for the graph to combine (sr8-small: 7.26 MB against
+    7.70 MB, the same outputs)."""
     from torch.nn.utils import parametrize
 
     plain = TowerModel(model.cfg)  # not a deepcopy: a copy of a parametrized module shares its parametrizations

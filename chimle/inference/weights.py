@@ -117,17 +117,20 @@ def _reason(text: str) -> str:
 
 def export(checkpoint: str | Path, out: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Training checkpoint -> safetensors with {"model": TowerConfig, "task": task config} metadata;
-    `card` (a model card: data, steps, wall time, metrics) is stored beside them as JSON."""
-    state = load_state(checkpoint)
-    meta = {
-        "model": json.dumps(state["model_config"]),
-        "task": json.dumps(state["task_config"]),
-        "step": str(state["step"]),
-        "format": "chimle-1",
-    }
+    `card` (a model card: data, steps, wall time, metrics) is stored beside them as JSON. A model folder,
+    a weights file or a name works too (a folder's file is written alone), keeping its card unless
+    `card` replaces it."""
+    p = Path(checkpoint)
+    if p.is_dir() or p.suffix == ".safetensors" or (not p.suffix and not p.exists()):  # not a training checkpoint
+        tensors, model_cfg, task_cfg, step, own_card = _read(_resolve(p))
+        card = own_card if card is None else card
+    else:
+        state = load_state(checkpoint)
+        tensors, model_cfg, task_cfg, step = state["model"], state["model_config"], state["task_config"], state["step"]
+    meta = {"model": json.dumps(model_cfg), "task": json.dumps(task_cfg), "step": str(step), "format": "chimle-1"}
     if card is not None:
         meta["card"] = json.dumps(card)
-    tensors = {k: v.contiguous() for k, v in state["model"].items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     return atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))
 
 
