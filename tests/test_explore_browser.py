@@ -536,6 +536,10 @@ def test_full_size_compare_models_reference_brush_names(fresh, files, weights):
     page.get_by_role("button", name="Clear hint").click()
     alpha = "(c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 === 3 && v))"
     assert page.evaluate(f"{alpha}(document.getElementById('paint')).length") == 0
+    page.get_by_label("use the reference").uncheck()  # back to the painted hint, and there is none
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_selector("#message.error")
+    assert "hint is empty" in page.inner_text("#message")
 
 
 def _data_url(url: str) -> bytes:

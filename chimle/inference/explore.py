@@ -668,7 +668,7 @@ def sample_with_code(
     # With the page's number of threads: how a CPU convolution splits its work can change the last float bit,
     # and then, now and again, a pixel's 8-bit value (measured on sr8-small: 1 thread against 2, 1 PNG of 2).
     before = torch.get_num_threads()
-    if meta.get("threads") and device == "cpu":
+    if meta.get("threads") and torch.device(device).type == "cpu":
         torch.set_num_threads(int(meta["threads"]))
     try:
         image = inp.crop(render(model, inp.x, codes, task))[0]
