@@ -223,7 +223,9 @@ def explorer(sr, tmp_path):
     from chimle.apps.explore import Explorer
 
     model, task = sr
-    return Explorer(model, task, max_pixels=200 * 200, workdir=tmp_path)
+    e = Explorer(model, task, max_pixels=200 * 200, workdir=tmp_path)
+    yield e
+    e.close()  # its job queue's worker thread ends
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
