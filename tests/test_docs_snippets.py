@@ -22,7 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def blocks() -> list[tuple[str, int, str]]:
     files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    return [(str(f.relative_to(ROOT)), i, m.group(1)) for f in files for i, m in enumerate(FENCE.finditer(f.read_text()))]
+    return [
+        (str(f.relative_to(ROOT)), i, m.group(1)) for f in files for i, m in enumerate(FENCE.finditer(f.read_text()))
+    ]
 
 
 BLOCKS = blocks()
