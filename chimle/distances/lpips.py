@@ -325,7 +325,8 @@ class LPIPS(nn.Module):
         # between a search's best candidates. A few memory-bound ops: bf16 stays where the FLOPs are.
         with torch.autocast(fa[0].device.type, enabled=False):
             for lin, a, b in zip(self.lin, fa, fb, strict=True):
-                d = F.conv2d((a.float() - b.float()).pow(2), lin.weight)  # non-negative weighted channel sum
+                dt = torch.promote_types(lin.weight.dtype, torch.float32)  # float32, or float64 if the metric is
+                d = F.conv2d((a.to(dt) - b.to(dt)).pow(2), lin.weight.to(dt))  # non-negative weighted channel sum
                 if self.spatial_average:
                     total = total + d.mean((2, 3))
                 else:
