@@ -132,7 +132,7 @@ def test_night_is_darker_and_seeded(photos):
 
 
 def test_task_registry():
-    assert set(TASKS) == {"sr", "colorize", "jpeg", "night", "paired", "layout"}
+    assert set(TASKS) == {"sr", "colorize", "jpeg", "night", "paired", "layout", "digit_sr", "digit_complete"}
     for name in TASKS:
         t = make_task(name)
         assert t.layout in ("same", "upscale") and make_task(**t.config()) == t
