@@ -44,7 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -818,6 +818,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(PARTS)} (the default), or {','.join(EXTRA_PARTS)}",
     )
     p.add_argument("--mnist", help="MNIST digits for the mnist part (default: as `chimle mnist` finds them)")
+    p.add_argument(
+        "--digit-data",
+        help="comma-separated datasets of the digits part, names or folders (default: mnist), e.g. mnist,fashion-mnist",
+    )
     add_threads_argument(p)
     a = p.parse_args(argv)
     parts = tuple(x for x in a.parts.split(",") if x)
@@ -830,8 +834,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if a.mnist:
         os.environ["CHIMLE_MNIST"] = a.mnist  # where `chimle mnist` looks first
+    sizes = QUICK if a.quick else FULL
+    if a.digit_data:
+        sizes = replace(sizes, digits=replace(sizes.digits, data=tuple(x for x in a.digit_data.split(",") if x)))
     with use_threads(a.threads):
-        run(a.out, QUICK if a.quick else FULL, parts, resume=a.resume, quick=a.quick)
+        run(a.out, sizes, parts, resume=a.resume, quick=a.quick)
     print(f"report: {Path(a.out) / 'report.md'} and report.html")
     return 0
 

