@@ -20,41 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dist import ARGS as DIST_ARGS
 
 from chimle.data.imageio import read_csv_columns
 from chimle.inference.weights import load_state
 
 # test_dist.py's tiny 4x SR run (two rounds of 4 steps), with a checkpoint every 2 steps to restart from
 ARGS = [
-    "train",
-    "--task",
-    "sr",
-    "--scale",
-    "4",
-    "--preset",
-    "tiny",
-    "--crop",
-    "16",
-    "--steps",
-    "6",
-    "--device",
-    "cpu",
-    "--set",
-    "train.pool_size=6",
-    "--set",
-    "train.batch_size=2",
-    "--set",
-    "train.steps_per_round=4",
-    "--set",
-    "search.batch=2",
-    "--set",
-    "search.samples_per_level=[3,2]",
-    "--set",
-    "search.distance=alex",
-    "--set",
-    "train.sample_every=0",
-    "--set",
-    "train.lr=1e-3",
+    *DIST_ARGS,
     "--set",
     "train.checkpoint_every=2",
     "--set",
