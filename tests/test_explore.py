@@ -1,5 +1,5 @@
 """The functions behind `chimle explore` (chimle.inference.explore) and the page's request handling
-(chimle.apps.explore.Explorer, without HTTP): samples keep their codes, variations share the kept
+(chimle.apps.explore_server.Explorer, without HTTP): samples keep their codes, variations share the kept
 levels, interpolation stays on the prior, the guided search beats plain samples on the painted pixels,
 SR consistency, codes saved as .npz reproduce their outputs exactly, bad input is one line."""
 
@@ -215,12 +215,12 @@ def test_sample_with_code_reproduces_the_exact_output(sr, photos, tmp_path):
         ex.sample_with_code(w, small, tmp_path / "pick.npz", tmp_path / "out")
 
 
-# -- the page's request handling (chimle.apps.explore.Explorer), without HTTP -------------------------
+# -- the page's request handling (chimle.apps.explore_server.Explorer), without HTTP -------------------------
 
 
 @pytest.fixture()
 def explorer(sr, tmp_path):
-    from chimle.apps.explore import Explorer
+    from chimle.apps.explore_server import Explorer
 
     model, task = sr
     e = Explorer(model, task, max_pixels=200 * 200, workdir=tmp_path)
@@ -235,7 +235,7 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def test_bad_input_is_one_line_and_the_next_request_works(explorer, photos):
-    from chimle.apps.explore import BadRequest
+    from chimle.apps.explore_server import BadRequest
 
     rgb = (photos[0][:, :40, :48].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     cases = [
@@ -286,7 +286,7 @@ def test_guided_request_reports_plain_distances(explorer, photos):
 
 
 def test_explore_command_defaults_to_the_shipped_model(capsys):
-    from chimle.apps.explore import DEFAULT_MODEL, build_parser, demo_model, main
+    from chimle.apps.explore_server import DEFAULT_MODEL, build_parser, demo_model, main
 
     assert build_parser().parse_args([]).weights == DEFAULT_MODEL == "sr8-small"
     assert chimle.load(DEFAULT_MODEL).cfg.scale == 8  # the default loads with nothing downloaded or trained
@@ -300,7 +300,7 @@ def test_explore_command_defaults_to_the_shipped_model(capsys):
 
 
 def test_bundled_examples(explorer):
-    from chimle.apps.explore import BadRequest
+    from chimle.apps.explore_server import BadRequest
 
     got = explorer.add_example("astronaut", True)
     # centre 256 px, degraded 4x, scaled to fit the 40,000 px of this explorer's --max-pixels
@@ -311,7 +311,7 @@ def test_bundled_examples(explorer):
 
 def test_fields_are_named_when_empty_or_out_of_range(explorer, photos):
     """Issue 28: an empty seed field (null in JSON) was an internal TypeError, a negative one named no field."""
-    from chimle.apps.explore import BadRequest
+    from chimle.apps.explore_server import BadRequest
 
     got = explorer.add_example("astronaut", True)
     for seed, msg in [
@@ -329,7 +329,7 @@ def test_fields_are_named_when_empty_or_out_of_range(explorer, photos):
 def test_a_photo_too_large_is_scaled_when_degraded_and_reproduces(explorer, sr, photos, tmp_path):
     """Degraded, a photo over --max-pixels is scaled to fit (it was refused); the code's meta records the size,
     and `sample_with_code` scales the same file the same way, so the page's PNG comes back bit for bit."""
-    from chimle.apps.explore import BadRequest
+    from chimle.apps.explore_server import BadRequest
 
     model, task = sr
     rgb = (photos[0][:, :300, :250].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # 75,000 px > 40,000
@@ -363,7 +363,7 @@ def test_job_queue_reports_progress_position_and_cancels():
     takes a queued one out at once; an error is one line, the queue goes on."""
     import threading
 
-    from chimle.apps.explore import BadRequest, JobQueue
+    from chimle.apps.explore_server import BadRequest, JobQueue
 
     freed = []
     q = JobQueue(after=lambda: freed.append(1))

@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return reproduce_main(rest)
         if a.command == "explore":
-            from .explore import main as explore_main  # FastAPI is imported only here
+            from .explore_server import main as explore_main  # FastAPI is imported only here
 
             return explore_main(rest)
         if a.command in COMPUTING:

@@ -1,7 +1,7 @@
 """Exploring the modes of a model: samples that keep their codes, variations from a level, walks
 between two codes, and a guided search for the code whose output matches a user's hint.
 
-The functions behind `chimle explore` (the page is `chimle.apps.explore`), usable from Python:
+The functions behind `chimle explore` (the page is `chimle.apps.explore_server`), usable from Python:
 
     inp = prepare(model, task, load_image("photo.png"), degrade=True)
     images, codes = draw_samples(model, inp.x, 8, seeded(0), task=task)           # (8, 3, H, W), 8 codes

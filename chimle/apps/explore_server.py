@@ -4,7 +4,7 @@
     chimle explore colorize-small                                # any name `chimle models` lists, or a file
     chimle explore --demo                                        # a random-init tiny 8x SR tower: a smoke run
     chimle explore --models runs/exported                        # that folder's weights in the page's model menu
-    python -m chimle.apps.explore ...                            # the same
+    python -m chimle.apps.explore_server ...                     # the same
 
 A small FastAPI app (the `app` extra: `pip install "chimle[app]"`) serving one static page
 (chimle/apps/static/) and a JSON API over `chimle.inference.explore`. Why not Gradio: its page does
