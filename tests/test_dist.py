@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,21 @@ def run(cmd, tmp_dir=None, **kw):
     return r
 
 
+def assert_same_run(single: Path, multi: Path) -> None:
+    """Two 6-step runs (one process, and sharded over ranks or nodes) end at the same pool, weights and losses."""
+    a, b = load_state(single / "checkpoints" / "last.pt"), load_state(multi / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    # the pool searched in two shards equals the pool searched in one process (its winners, which fix the codes)
+    assert torch.equal(a["pool"]["picks"], b["pool"]["picks"]) and a["pool"]["picks"].shape == (6, 2)
+    # Gradients are summed in another order, and Adam magnifies that float noise on parameters whose
+    # gradient is ~0 (measured: max gap 7e-5, most < 1e-6); a wrong batch split moves weights ~1e-3.
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=3e-4, msg=k)
+    la, lb = read_csv_columns(single / "log.csv")["loss"], read_csv_columns(multi / "log.csv")["loss"]
+    assert len(la) == len(lb) == 6
+    assert max(abs(p - q) for p, q in zip(la, lb)) < 1e-3  # the logged loss is the global batch's
+
+
 def test_two_gloo_ranks_match_single_process(photo_dir, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run([sys.executable, "-m", "chimle", *ARGS, "--data", str(photo_dir), "--out", str(single)])
@@ -72,17 +88,7 @@ def test_two_gloo_ranks_match_single_process(photo_dir, tmp_path):
         ],
         tmp_dir=tmp_path,
     )
-    a, b = load_state(single / "checkpoints" / "last.pt"), load_state(multi / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 6
-    # the pool searched in two shards equals the pool searched in one process (its winners, which fix the codes)
-    assert torch.equal(a["pool"]["picks"], b["pool"]["picks"]) and a["pool"]["picks"].shape == (6, 2)
-    # Gradients are summed in another order, and Adam magnifies that float noise on parameters whose
-    # gradient is ~0 (measured: max gap 7e-5, most < 1e-6); a wrong batch split moves weights ~1e-3.
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=3e-4, msg=k)
-    la, lb = read_csv_columns(single / "log.csv")["loss"], read_csv_columns(multi / "log.csv")["loss"]
-    assert len(la) == len(lb) == 6
-    assert max(abs(p - q) for p, q in zip(la, lb)) < 1e-3  # the logged loss is the global batch's
+    assert_same_run(single, multi)
     # resume under another world size: continue the 2-rank run in one process
     run(
         [

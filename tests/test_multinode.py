@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 from test_dist import ARGS as DIST_ARGS
+from test_dist import assert_same_run
 
 from chimle.data.imageio import read_csv_columns
 from chimle.inference.weights import load_state
@@ -140,17 +140,7 @@ def runs(photo_dir, tmp_path_factory, one_thread):
 
 def test_two_nodes_match_one_process(runs):
     single, multi, _, _ = runs
-    a, b = load_state(single / "checkpoints" / "last.pt"), load_state(multi / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 6
-    # the pool searched in two shards, one per node, equals the pool searched in one process
-    assert torch.equal(a["pool"]["picks"], b["pool"]["picks"]) and a["pool"]["picks"].shape == (6, 2)
-    # as in test_dist.py: Adam magnifies the other summation order of the gradients on parameters whose
-    # gradient is ~0 (max gap ~1e-4); a wrong batch split, or a node training alone, moves weights ~1e-3
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=3e-4, msg=k)
-    la, lb = read_csv_columns(single / "log.csv")["loss"], read_csv_columns(multi / "log.csv")["loss"]
-    assert len(la) == len(lb) == 6
-    assert max(abs(p - q) for p, q in zip(la, lb)) < 1e-3  # the logged loss is the global batch's
+    assert_same_run(single, multi)  # the pool, the weights (Adam magnifies float noise to ~1e-4) and the losses
 
 
 def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(runs):
