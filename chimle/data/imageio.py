@@ -200,15 +200,6 @@ def read_label_map(path: PathLike, palette: dict[tuple[int, int, int], int] | No
     return torch.from_numpy(np.array([lut[int(c)] for c in colours], dtype=np.int64)[inverse.reshape(key.shape)])
 
 
-def check_image(path: PathLike) -> str | None:
-    """None if ``path`` decodes fully, else a one-line description of the problem."""
-    try:
-        load_image(path)
-    except ImageError as e:
-        return e.problem
-    return None
-
-
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] float -> uint8, rounding to nearest (truncation would bias images darker)."""
     return (x.clamp(0, 1) * 255.0).round_().to(torch.uint8)

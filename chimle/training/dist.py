@@ -29,7 +29,6 @@ from torch import nn
 
 __all__ = [
     "init",
-    "shutdown",
     "rank",
     "world_size",
     "is_main",
@@ -64,11 +63,6 @@ def init(device: str = "auto", timeout: float = 600.0) -> torch.device:
         _timeout = float(timeout)
         torch_dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return local_device(device)
-
-
-def shutdown() -> None:
-    if enabled():
-        torch_dist.destroy_process_group()
 
 
 def rank() -> int:
