@@ -16,6 +16,7 @@ component, repeat codes for m candidates, or pick the winners without touching t
     codes = replace(codes, level=2, component=layout.sample_level(2, 4))
     z = flatten(codes)                      # (4, n) with n = sum_l k_l
     assert all(torch.equal(a.noise, b.noise) for a, b in zip(unflatten(z, layout), codes))
+    frames = interpolate(index(codes, [0]), index(codes, [1]), steps=16)   # 16 codes from row 0 to row 1
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ __all__ = [
     "to",
     "to_authors",
     "from_authors",
+    "slerp",
+    "interpolate",
 ]
 
 
@@ -167,6 +170,48 @@ def unflatten(z: Tensor, layout: LatentLayout) -> Codes:
         offset += k
         out.append(Component(style, noise))
     return out
+
+
+def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """The point at t in [0, 1] on the arc from a to b, row by row (each row of a (N, ...) batch one vector):
+    the direction moves along the great circle between the two directions, the norm linearly from |a| to |b|.
+
+    Why not a straight line: a code is a draw of N(0, I) in many dimensions, and such draws lie on a thin
+    shell of radius about sqrt(dim), in directions nearly orthogonal to each other. The midpoint of the
+    straight line between two of them has norm about 0.71 of theirs, deep inside the shell, where the prior
+    has almost no mass: the middle frames of a linear walk are outputs of codes the model never saw in
+    training and fade towards its output at z = 0. Along the arc every point stays on the shell."""
+    fa, fb = a.flatten(1).double(), b.flatten(1).double()
+    na, nb = fa.norm(dim=1, keepdim=True), fb.norm(dim=1, keepdim=True)
+    ua, ub = fa / na.clamp_min(1e-12), fb / nb.clamp_min(1e-12)
+    omega = torch.arccos((ua * ub).sum(1, keepdim=True).clamp(-1, 1))
+    so = torch.sin(omega)
+    # (nearly) parallel directions: the arc is the segment
+    near = so.abs() < 1e-6
+    wa = torch.where(near, torch.full_like(so, 1 - t), torch.sin((1 - t) * omega) / so.where(~near, 1))
+    wb = torch.where(near, torch.full_like(so, t), torch.sin(t * omega) / so.where(~near, 1))
+    u = wa * ua + wb * ub
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = u * ((1 - t) * na + t * nb)
+    return out.to(a.dtype).view_as(a)
+
+
+def interpolate(a: Codes, b: Codes, steps: int) -> list[Codes]:
+    """`steps` codes from a to b, evenly spaced in t: frame i is at t = i / (steps - 1), frame 0 is a and
+    the last frame b exactly (not up to rounding). a and b are batches of the same shape, row j of a walking
+    to row j of b. Per level, the style vector and the noise map are interpolated on their own, each by
+    `slerp`: each part is a Gaussian draw of its own size, so each stays on its own shell and every frame is
+    a typical draw of the prior. The one interpolation of chimle: `chimle sample --interpolate`
+    (`chimle.inference.sample.interpolate`) and the explorer page both walk these codes."""
+    if steps < 2:
+        raise ValueError(f"interpolation needs at least 2 frames, got {steps}")
+    if len(a) != len(b) or any(p.noise.shape != q.noise.shape or p.style.shape != q.style.shape for p, q in zip(a, b)):
+        raise ValueError("the two codes have different shapes (samples of different inputs?)")
+    frames = [list(a)]
+    for i in range(1, steps - 1):
+        t = i / (steps - 1)
+        frames.append([Component(slerp(p.style, q.style, t), slerp(p.noise, q.noise, t)) for p, q in zip(a, b)])
+    return frames + [list(b)]
 
 
 # The authors' layout (niopeng/CHIMLE, for towers converted from their checkpoints): one flat tensor per level,

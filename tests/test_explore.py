@@ -1,7 +1,8 @@
-"""The functions behind `chimle explore` (chimle.inference.explore) and the page's request handling
-(chimle.apps.explore_server.Explorer, without HTTP): samples keep their codes, variations share the kept
-levels, interpolation stays on the prior, the guided search beats plain samples on the painted pixels,
-SR consistency, codes saved as .npz reproduce their outputs exactly, bad input is one line."""
+"""The functions behind `chimle explore` (chimle.inference.explore, .guide, .codefile, chimle.latent.interpolate)
+and the page's request handling (chimle.apps.explore_page.Explorer, without HTTP; its job queue,
+chimle.apps.explore_jobs): samples keep their codes, variations share the kept levels, interpolation stays on
+the prior, the guided search beats plain samples on the painted pixels, SR consistency, codes saved as .npz
+reproduce their outputs exactly, bad input is one line."""
 
 import io
 from pathlib import Path
@@ -14,8 +15,10 @@ from PIL import Image
 import chimle
 from chimle import latent
 from chimle.data.tasks import make_task
+from chimle.inference import codefile, guide
 from chimle.inference import explore as ex
 from chimle.inference import weights as weights_io
+from chimle.inference.guide import GuideOptions as Opt
 from chimle.model import TowerConfig, TowerModel
 from chimle.rng import seeded
 
@@ -47,7 +50,10 @@ def test_prepare_degrades_crops_and_pads(sr, photos):
     assert cinp.x.shape == (1, 1, 32, 28) and cinp.hw == (30, 27)
     assert cinp.crop(torch.zeros(2, 3, 32, 28)).shape == (2, 3, 30, 27)
     assert cinp.pad(torch.ones(1, 1, 30, 27)).sum() == 30 * 27
-    with pytest.raises(ValueError, match="degrade"):
+    ramp = torch.arange(27.0).expand(1, 3, 30, 27)  # a reference image: its edge repeated into the padding
+    assert torch.equal(cinp.pad(ramp, edge=True)[..., 30:, :27], ramp[..., 29:, :].expand(1, 3, 2, 27))
+    assert torch.equal(cinp.pad(ramp, edge=True)[..., :30, 27], ramp[..., 26])
+    with pytest.raises(ValueError, match="degrading needs a task that makes inputs from photos"):
         ex.prepare(model, None, photos[0], degrade=True)
 
 
@@ -77,26 +83,11 @@ def test_vary_keeps_the_coarse_levels(sr, inp):
         ex.vary(model, inp.x, one, level=3, num=2)
 
 
-def test_interpolation_stays_on_the_prior():
-    g = seeded(3)
-    layout = latent.LatentLayout(64, 2, ((16, 16), (32, 32)))
-    a, b = layout.sample(1, g), layout.sample(1, g)
-    frames = ex.interpolate_codes(a, b, 9)
-    assert frames[0].noise.shape[0] == 9
-    for l in range(2):  # the ends exactly
-        assert torch.equal(frames[l].noise[0], a[l].noise[0]) and torch.equal(frames[l].style[-1], b[l].style[0])
-    mid = latent.index(frames, [4])
-    for part_a, part_b, part_m in [(a[1].noise, b[1].noise, mid[1].noise), (a[0].style, b[0].style, mid[0].style)]:
-        na, nb, nm = (float(t.norm()) for t in (part_a, part_b, part_m))
-        assert abs(nm - (na + nb) / 2) < 1e-3 * nm  # on the shell, where a straight line would sag
-        assert float(((part_a + part_b) / 2).norm()) < 0.8 * nm
-    # parallel vectors: the arc is the segment
-    v = torch.randn(1, 10, generator=g)
-    assert torch.allclose(ex.slerp(v, 3 * v, 0.5), 2 * v, atol=1e-5)
-    with pytest.raises(ValueError, match="at least 2"):
-        ex.interpolate_codes(a, b, 1)
-    with pytest.raises(ValueError, match="different shapes"):
-        ex.interpolate_codes(a, latent.LatentLayout(64, 2, ((8, 8), (16, 16))).sample(1, g), 4)
+def test_candidates_schedule():
+    """One number m for the page: m candidates at level 1, a quarter as many at each finer level, at least 1."""
+    assert guide.schedule(32, 4) == [32, 8, 2, 1] and guide.schedule(5, 1) == [5] and guide.schedule(1, 3) == [1, 1, 1]
+    with pytest.raises(ValueError, match="candidates >= 1"):
+        guide.schedule(0, 3)
 
 
 def test_masked_l2_sees_only_the_painted_pixels():
@@ -104,14 +95,14 @@ def test_masked_l2_sees_only_the_painted_pixels():
     a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:8, 2:10] = 1
-    d = ex.MaskedL2(mask)
+    d = guide.MaskedL2(mask)
     want = ((a - b)[..., 4:8, 2:10] ** 2).flatten(1).mean(1)
     assert torch.allclose(d(a, b.expand(2, -1, -1, -1)), want)
     changed = a.clone()
     changed[..., 10:, :] = 0  # outside the mask
     assert torch.equal(d(changed, b.expand(2, -1, -1, -1)), d(a, b.expand(2, -1, -1, -1)))
     assert d(a[..., ::2, ::2], b[..., ::2, ::2]).shape == (2,)  # any level's size
-    assert torch.allclose(ex.hint_distance(a, b, mask), want)
+    assert torch.allclose(guide.hint_distance(a, b, mask), want)
 
 
 def test_guided_search_beats_plain_samples_on_the_hint(sr, inp):
@@ -121,12 +112,14 @@ def test_guided_search_beats_plain_samples_on_the_hint(sr, inp):
     hint[:, 0] = 1  # "this region should be red"
     mask = torch.zeros(1, 1, 32, 40)
     mask[..., 8:20, 10:30] = 1
-    plain = ex.hint_distance(images, hint, mask)
-    found = ex.guided_search(model, inp.x, hint, mask, [12, 8], seeded(6), task=task, k=3)
+    plain = guide.hint_distance(images, hint, mask)
+    found = guide.guided_search(model, inp.x, hint, mask, [12, 8], seeded(6), task=task, options=Opt(k=3))
     assert found.images.shape == (3, 3, 32, 40) and found.codes[0].style.shape[0] == 3
     assert torch.all(found.distances[:-1] <= found.distances[1:])  # best first
-    assert torch.allclose(ex.hint_distance(found.images, hint, mask), found.distances, atol=1e-6)
-    refined = ex.guided_search(model, inp.x, hint, mask, [12, 8], seeded(6), task=task, k=3, refine_steps=8)
+    assert torch.allclose(guide.hint_distance(found.images, hint, mask), found.distances, atol=1e-6)
+    refined = guide.guided_search(
+        model, inp.x, hint, mask, [12, 8], seeded(6), task=task, options=Opt(k=3, refine_steps=8)
+    )
     assert refined.distances[0] <= found.distances[0] + 1e-6  # refinement keeps the best point of its path
     assert refined.distances[0] < plain.min()
     # the images are those of their codes, bit for bit (what `chimle sample --code` redraws), without a render
@@ -134,20 +127,23 @@ def test_guided_search_beats_plain_samples_on_the_hint(sr, inp):
     assert torch.equal(ex.render(model, inp.x, refined.codes, task), refined.images)
     # the k matches share level 1: their z_1 are the best 3 of the 12 candidates drawn first, judged once
     z1 = model.latent_layout(tuple(inp.x.shape[-2:])).sample_level(1, 12, seeded(6))
-    level1 = ex.MaskedL2(mask)(model(inp.x.expand(12, -1, -1, -1), [z1])[0], hint.expand(12, -1, -1, -1)[..., ::2, ::2])
+    level1 = guide.MaskedL2(mask)(
+        model(inp.x.expand(12, -1, -1, -1), [z1])[0],
+        hint.expand(12, -1, -1, -1)[..., ::2, ::2],
+    )
     rows = [int((z1.style == s).all(1).nonzero()[0]) for s in found.codes[0].style]
     assert sorted(rows) == sorted(level1.argsort()[:3].tolist())
     with pytest.raises(ValueError, match="hint is empty"):
-        ex.guided_search(model, inp.x, hint, torch.zeros_like(mask), [4, 4], task=task)
+        guide.guided_search(model, inp.x, hint, torch.zeros_like(mask), [4, 4], task=task)
     with pytest.raises(ValueError, match="outputs are 32x40"):
-        ex.guided_search(model, inp.x, hint[..., :16], mask[..., :16], [4, 4], task=task)
+        guide.guided_search(model, inp.x, hint[..., :16], mask[..., :16], [4, 4], task=task)
 
 
 def test_guided_search_toward_a_reference_image(sr, inp):
     model, task = sr
     reference = inp.target[None]
     d = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731 - any callable distance works
-    found = ex.guided_search(model, inp.x, reference, None, [8, 4], seeded(7), task=task, k=2, distance=d)
+    found = guide.guided_search(model, inp.x, reference, None, [8, 4], seeded(7), task=task, options=Opt(2, distance=d))
     images, _ = ex.draw_samples(model, inp.x, 4, seeded(8), task=task)
     assert found.distances[0] <= d(images, reference).min() + 0.05
 
@@ -170,22 +166,22 @@ def test_code_npz_round_trip_and_errors(sr, inp, tmp_path):
     _, codes = ex.draw_samples(model, inp.x, 2, seeded(10))
     one = latent.index(codes, [1])
     meta = ex.code_meta(model, task, inp, label="x")
-    ex.save_code(tmp_path / "c.npz", one, meta)
+    codefile.save_code(tmp_path / "c.npz", one, meta)
     buf = io.BytesIO()
-    ex.save_code(buf, one, meta)
+    codefile.save_code(buf, one, meta)
     for src in (tmp_path / "c.npz", io.BytesIO(buf.getvalue())):
-        back, m = ex.load_code(src)
+        back, m = codefile.load_code(src)
         assert m == meta and m["degrade"] is True and m["task"] == {"name": "sr", "scale": 4}
         assert all(torch.equal(p.style, q.style) and torch.equal(p.noise, q.noise) for p, q in zip(back, one))
     with pytest.raises(ValueError, match="one code"):
-        ex.save_code(tmp_path / "two.npz", codes)
+        codefile.save_code(tmp_path / "two.npz", codes)
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(ValueError, match="cannot be read") as err:
-        ex.load_code(tmp_path / "junk.npz")
+        codefile.load_code(tmp_path / "junk.npz")
     assert "\n" not in str(err.value)
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="not a chimle code"):
-        ex.load_code(tmp_path / "other.npz")
+        codefile.load_code(tmp_path / "other.npz")
 
 
 def test_sample_with_code_reproduces_the_exact_output(sr, photos, tmp_path):
@@ -203,7 +199,7 @@ def test_sample_with_code_reproduces_the_exact_output(sr, photos, tmp_path):
     loaded, _ = weights_io.load_with_task(w)
     inp = ex.prepare(loaded, task, load_image(photo), degrade=True)
     images, codes = ex.draw_samples(loaded, inp.x, 3, seeded(11), task=task)
-    ex.save_code(tmp_path / "pick.npz", latent.index(codes, [2]), ex.code_meta(loaded, task, inp))
+    codefile.save_code(tmp_path / "pick.npz", latent.index(codes, [2]), ex.code_meta(loaded, task, inp))
     out = ex.sample_with_code(w, photo, tmp_path / "pick.npz", tmp_path / "out")
     assert out == tmp_path / "out" / "photo_pick.png"
     want = np.asarray(Image.open(io.BytesIO(ex.to_png_bytes(inp.crop(images)[2]))))
@@ -215,12 +211,12 @@ def test_sample_with_code_reproduces_the_exact_output(sr, photos, tmp_path):
         ex.sample_with_code(w, small, tmp_path / "pick.npz", tmp_path / "out")
 
 
-# -- the page's request handling (chimle.apps.explore_server.Explorer), without HTTP -------------------------
+# -- the page's request handling (chimle.apps.explore_page.Explorer), without HTTP ---------------------------
 
 
 @pytest.fixture()
 def explorer(sr, tmp_path):
-    from chimle.apps.explore_server import Explorer
+    from chimle.apps.explore_page import Explorer
 
     model, task = sr
     e = Explorer(model, task, max_pixels=200 * 200, workdir=tmp_path)
@@ -235,7 +231,7 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def test_bad_input_is_one_line_and_the_next_request_works(explorer, photos):
-    from chimle.apps.explore_server import BadRequest
+    from chimle.apps.explore_jobs import BadRequest
 
     rgb = (photos[0][:, :40, :48].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     cases = [
@@ -268,8 +264,16 @@ def test_bad_input_is_one_line_and_the_next_request_works(explorer, photos):
     assert len(explorer.vary(ids[0], level=2, num=2)["items"]) == 2
     frames = explorer.interpolate(ids[0], ids[1], steps=3)["items"]
     assert explorer.item_png(frames[0]["id"]) == explorer.item_png(ids[0])
-    code, meta = ex.load_code(io.BytesIO(explorer.item_npz(ids[1])))
+    code, meta = codefile.load_code(io.BytesIO(explorer.item_npz(ids[1])))
     assert meta["input_name"] == "ok.png" and len(code) == 2
+    # a downloaded code uploaded again: the same result; a code of another input size, or no code, one line
+    again = explorer.add_code(got["input"], "mine.npz", explorer.item_npz(ids[1]))["items"][0]
+    assert explorer.item_png(again["id"]) == explorer.item_png(ids[1]) and again["label"] == "code mine"
+    small = explorer.add_input("small.png", False, _png(rgb[:20, :24]))["input"]
+    with pytest.raises(ValueError, match="code 'mine.npz' does not fit this model and input"):
+        explorer.add_code(small, "mine.npz", explorer.item_npz(ids[1]))
+    with pytest.raises(ValueError, match="code file 'junk.npz' cannot be read"):
+        explorer.add_code(small, "junk.npz", b"junk")
 
 
 def test_guided_request_reports_plain_distances(explorer, photos):
@@ -286,21 +290,22 @@ def test_guided_request_reports_plain_distances(explorer, photos):
 
 
 def test_explore_command_defaults_to_the_shipped_model(capsys):
-    from chimle.apps.explore_server import DEFAULT_MODEL, build_parser, demo_model, main
+    from chimle.apps.cli import build_parser, main
+    from chimle.apps.explore_server import demo_model
 
-    assert build_parser().parse_args([]).weights == DEFAULT_MODEL == "sr8-small"
-    assert chimle.load(DEFAULT_MODEL).cfg.scale == 8  # the default loads with nothing downloaded or trained
-    assert main(["sr9-huge"]) == 2
+    assert build_parser().parse_args(["explore"]).weights == "sr8-small"
+    assert chimle.load("sr8-small").cfg.scale == 8  # the default loads with nothing downloaded or trained
+    assert main(["explore", "sr9-huge"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("chimle explore: error: no weights named 'sr9-huge'") and "\n" not in err
-    assert main([str(Path("no/such/weights.safetensors"))]) == 2
+    assert main(["explore", str(Path("no/such/weights.safetensors"))]) == 2
     assert "does not exist" in capsys.readouterr().err
     model, task = demo_model()
     assert model.cfg.scale == 8 and task.name == "sr"
 
 
 def test_bundled_examples(explorer):
-    from chimle.apps.explore_server import BadRequest
+    from chimle.apps.explore_jobs import BadRequest
 
     got = explorer.add_example("astronaut", True)
     # centre 256 px, degraded 4x, scaled to fit the 40,000 px of this explorer's --max-pixels
@@ -311,7 +316,7 @@ def test_bundled_examples(explorer):
 
 def test_fields_are_named_when_empty_or_out_of_range(explorer, photos):
     """Issue 28: an empty seed field (null in JSON) was an internal TypeError, a negative one named no field."""
-    from chimle.apps.explore_server import BadRequest
+    from chimle.apps.explore_jobs import BadRequest
 
     got = explorer.add_example("astronaut", True)
     for seed, msg in [
@@ -329,7 +334,7 @@ def test_fields_are_named_when_empty_or_out_of_range(explorer, photos):
 def test_a_photo_too_large_is_scaled_when_degraded_and_reproduces(explorer, sr, photos, tmp_path):
     """Degraded, a photo over --max-pixels is scaled to fit (it was refused); the code's meta records the size,
     and `sample_with_code` scales the same file the same way, so the page's PNG comes back bit for bit."""
-    from chimle.apps.explore_server import BadRequest
+    from chimle.apps.explore_jobs import BadRequest
 
     model, task = sr
     rgb = (photos[0][:, :300, :250].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # 75,000 px > 40,000
@@ -339,7 +344,7 @@ def test_a_photo_too_large_is_scaled_when_degraded_and_reproduces(explorer, sr, 
     assert "250x300 scaled to 182x219 to fit the server's 0.0 MP" in got["message"], got["message"]
     assert (got["width"], got["height"]) == (180, 216)  # cropped to a multiple of the scale
     item = explorer.sample(got["input"], num=1, seed=3)["items"][0]["id"]
-    code, meta = ex.load_code(io.BytesIO(explorer.item_npz(item)))
+    code, meta = codefile.load_code(io.BytesIO(explorer.item_npz(item)))
     assert meta["resize"] == [219, 182] and meta["threads"] == torch.get_num_threads()
     torch.save(
         {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "task_config": task.config(), "step": 0},
@@ -363,7 +368,7 @@ def test_job_queue_reports_progress_position_and_cancels():
     takes a queued one out at once; an error is one line, the queue goes on."""
     import threading
 
-    from chimle.apps.explore_server import BadRequest, JobQueue
+    from chimle.apps.explore_jobs import BadRequest, JobQueue
 
     freed = []
     q = JobQueue(after=lambda: freed.append(1))
@@ -409,18 +414,8 @@ def test_render_and_guided_report_progress(sr, inp):
     hint, mask = torch.zeros(1, 3, 32, 40), torch.zeros(1, 1, 32, 40)
     mask[..., 4:12, 4:20] = 1
     seen.clear()
-    ex.guided_search(
-        model,
-        inp.x,
-        hint,
-        mask,
-        [4, 2],
-        seeded(1),
-        task=task,
-        k=2,
-        refine_steps=2,
-        progress=lambda d, t: seen.append(d / t),
-    )
+    track = lambda d, t: seen.append(d / t)  # noqa: E731
+    guide.guided_search(model, inp.x, hint, mask, [4, 2], seeded(1), task=task, options=Opt(2, 2), progress=track)
     assert seen[0] == 0 and seen[-1] == 1 and all(a <= b for a, b in zip(seen, seen[1:])) and len(seen) >= 6
 
     class Stop(Exception):
@@ -431,4 +426,4 @@ def test_render_and_guided_report_progress(sr, inp):
             raise Stop
 
     with pytest.raises(Stop):  # a cancel raised from the callback stops the search
-        ex.guided_search(model, inp.x, hint, mask, [4, 2], seeded(1), task=task, k=2, progress=cancel)
+        guide.guided_search(model, inp.x, hint, mask, [4, 2], seeded(1), task=task, options=Opt(2), progress=cancel)

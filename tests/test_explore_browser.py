@@ -34,7 +34,8 @@ import torch
 from PIL import Image
 
 from chimle.inference import weights as weights_io
-from chimle.inference.explore import load_code, sample_with_code
+from chimle.inference.codefile import load_code
+from chimle.inference.explore import sample_with_code
 from chimle.model import TowerConfig, TowerModel
 
 pytestmark = pytest.mark.slow
