@@ -10,16 +10,21 @@ Both run without gradients, in chunks of candidates sized from a memory budget, 
 target's distance features once per level (not once per chunk). They return the chosen codes and
 the distances of those codes at the last level.
 
-Fast paths (measured by `chimle bench speed`, see chimle/apps/bench_speed.py): inference mode; weight-norm
-weights computed once per search (parametrize.cached); on CUDA bf16 autocast, channels-last
-activations and cuDNN autotuning; no host-device synchronisation inside the chunk loop (slices, not
-index tensors, and no .item()); `compile=True` runs each level through torch.compile (off by
-default: on a CPU the time goes into oneDNN convolutions, mostly LPIPS's, which compiling does not
-speed up; it fuses the rest for a few per cent after a minute or more of compiling, which pays off
-only over many searches of the same shapes; benchmarks/compile.py measures it on your hardware).
+Fast paths (`chimle bench speed` measures them, chimle/apps/bench_speed.py; the figures are in
+docs/measurements.md): inference mode; weight-norm weights computed once per search
+(parametrize.cached); on CUDA bf16 autocast, channels-last activations and cuDNN autotuning; no
+host-device synchronisation inside the chunk loop (slices, not index tensors, and no .item());
+`SearchOptions(compile=True)` runs each level through torch.compile (off by default: it pays off only
+over many searches of the same shapes, after compiling; benchmarks/compile.py measures it on your
+hardware).
+
+`choose` is the one place a method name becomes a search (`Method`): `run` searches with it, `replay`
+redraws its codes from its picks, `ablation` runs a rung of the ladder of the CHIMLE paper's Fig. 7.
 
     codes, dists = hierarchical(model, x, y, chimle.LPIPS("vgg"), samples_per_level=[200, 200, 20, 10])
     codes, dists = flat(model, x, y, chimle.LPIPS("vgg"), num_samples=430)
+    chosen = run(choose("chimle", "full", [200, 200, 20, 10]), model, x, y, chimle.LPIPS("vgg"))
+    chosen.codes, chosen.dists, chosen.picks    # a `Selection`; it unpacks as (codes, dists)
 
 `x` is the input batch and `y` the observed outputs at full resolution, both in [0, 1].
 """
@@ -28,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -46,6 +52,11 @@ from .resample import resize
 __all__ = [
     "hierarchical",
     "flat",
+    "Selection",
+    "SearchOptions",
+    "Method",
+    "choose",
+    "run",
     "ablation",
     "reference_hierarchical",
     "draw",
@@ -61,6 +72,40 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a search computes, never what it selects.
+
+    `memory_budget`: bytes (or "2GB") of candidates run at once; None: the device's default.
+    `compile`: run each level through torch.compile (off by default; see the module's docstring).
+    `on_level(l, d)`: called after level l's selection of `hierarchical` with its candidates' distances
+    d (N, m_l) (the speed benchmark times the levels with it)."""
+
+    memory_budget: int | str | None = None
+    compile: bool = False
+    on_level: Callable[[int, Tensor], None] | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a search chose for each of its N inputs: the codes (one component per level), d(y_L, y~_L)
+    of those codes (N,), and the winning candidate index j of every level, `picks`: (N, L) for
+    `hierarchical`, (N, 1) for `flat`, (N, 0) for the zero code. With the generator's seed the picks
+    rebuild the codes (`replay`), which is what a training checkpoint stores.
+
+    Unpacks (and indexes) as the pair (codes, dists): `codes, dists = hierarchical(...)`."""
+
+    codes: Codes
+    dists: Tensor
+    picks: Tensor
+
+    def __iter__(self) -> Iterator:
+        return iter((self.codes, self.dists))
+
+    def __getitem__(self, i: int):
+        return (self.codes, self.dists)[i]
+
+
 def hierarchical(
     model: TowerModel,
     x: Tensor,
@@ -72,11 +117,8 @@ def hierarchical(
     iterative: bool = True,
     partial: bool = True,
     to_rgb: ToRGB | None = None,
-    memory_budget: int | str | None = None,
-    compile: bool = False,
-    on_level: Callable[[int, Tensor], None] | None = None,
-    picks: list[Tensor] | None = None,
-) -> tuple[Codes, Tensor]:
+    options: SearchOptions = SearchOptions(),
+) -> Selection:
     """CHIMLE latent search, Algorithm 1 of the CHIMLE paper, for a batch of inputs.
 
     for l = 1..L:  draw m_l candidates z_l^(j);  y~_l^(j) = l-th output of f(x, (z*_1..z*_{l-1}, z_l^(j)));
@@ -94,20 +136,19 @@ def hierarchical(
                        full-resolution target instead of by the level-l output.
       (no CD, no code division, is `flat`: whole codes, one selection; see `ablation`.)
 
-    `compile` runs the levels through torch.compile; `on_level(l, d)` is called after level l's
-    selection with its candidates' distances d (N, m_l) (the benchmark times the levels with it);
-    `picks`, if given, receives the winning candidate index j of each level, (N,) per level: with the
-    generator's seed they reproduce the codes (`replay`), which is what a training checkpoint stores.
+    `options`: memory, torch.compile and a per-level hook (`SearchOptions`).
 
-    Returns the chosen codes (one component per level, batch N) and d(y_L, y~_L) of those codes, (N,).
+    Returns the `Selection`: the chosen codes (one component per level, batch N), d(y_L, y~_L) of those
+    codes (N,), and the winners j of every level (N, L).
     """
     if len(samples_per_level) != model.cfg.levels:
         raise ValueError(
             f"samples_per_level needs one count per level ({model.cfg.levels}), got {list(samples_per_level)}"
         )
-    sc = Scorer(model, x, y, distance, to_rgb, memory_budget, compile)
+    sc = Scorer(model, x, y, distance, to_rgb, options.memory_budget, options.compile)
     n = x.shape[0]
     chosen: Codes = []
+    picks: list[Tensor] = []
     prefix = sc.initial  # state after z*_1..z*_{l-1}
     with sc.context():
         for l, m in enumerate(samples_per_level, 1):
@@ -116,17 +157,16 @@ def hierarchical(
             d = sc.score(state, start, earlier + [z_l] + later, m)  # (N, m)
             best = d.argmin(1)
             chosen.append(latent.index([z_l], torch.arange(n, device=sc.device) * m + best)[0])
-            if picks is not None:
-                picks.append(best)
+            picks.append(best)
             if iterative:
                 prefix = sc.step(l, prefix, sc.fmt(chosen[-1]))
-            if on_level is not None:
-                on_level(l, d)
+            if options.on_level is not None:
+                options.on_level(l, d)
         if iterative and partial:
             dists = d.gather(1, best[:, None])[:, 0]
         else:
             dists = sc.score(sc.initial, 1, chosen, 1)[:, 0]
-    return _detach(chosen), dists.float().clone()
+    return Selection(_detach(chosen), dists.float().clone(), torch.stack(picks, 1))
 
 
 def draw(
@@ -150,27 +190,20 @@ def draw(
     return earlier, z_l, later
 
 
-def replay(
-    layout: latent.LatentLayout,
-    samples_per_level: Sequence[int],
-    picks: Tensor,
-    generator: torch.Generator | None,
-    *,
-    iterative: bool = True,
-    partial: bool = True,
-    flat: bool = False,
-) -> Codes:
-    """The codes a search chose, rebuilt from its generator (seeded as it was) and its winners:
-    picks (N, L) for `hierarchical` (the j of every level), (N,) for `flat` (flat=True, with
-    samples_per_level=[num_samples]). Draws exactly what the search drew, so the result is bit-equal."""
+def replay(layout: latent.LatentLayout, method: Method, picks: Tensor, generator: torch.Generator | None) -> Codes:
+    """The codes a search with `method` chose, rebuilt (on the CPU) from its generator (seeded as it was)
+    and its winners, `Selection.picks`: (N, L) for `hierarchical` (the j of every level), (N, 1) or (N,)
+    for `flat`. Draws exactly what the search drew, so the result is bit-equal."""
     picks = torch.as_tensor(picks, dtype=torch.long).cpu()
     n = picks.shape[0]
-    if flat:
-        m = samples_per_level[0]
+    if method.zero:
+        return layout.zeros(n)
+    if method.flat:
+        m = method.counts[0]
         return latent.index(layout.sample(n * m, generator), torch.arange(n) * m + picks.view(n))
     out = []
-    for l, m in enumerate(samples_per_level, 1):
-        _, z_l, _ = draw(layout, l, n * m, generator, None, iterative, partial)
+    for l, m in enumerate(method.counts, 1):
+        _, z_l, _ = draw(layout, l, n * m, generator, None, method.iterative, method.partial)
         out.append(latent.index([z_l], torch.arange(n) * m + picks[:, l - 1])[0])
     return out
 
@@ -229,30 +262,27 @@ def flat(
     generator: torch.Generator | None = None,
     *,
     to_rgb: ToRGB | None = None,
-    memory_budget: int | str | None = None,
     zero: bool = False,
-    compile: bool = False,
-    picks: list[Tensor] | None = None,
-) -> tuple[Codes, Tensor]:
+    options: SearchOptions = SearchOptions(),
+) -> Selection:
     """cIMLE selection (Eq. 1 of the CHIMLE paper, Sect. 3.5 of the cIMLE paper):
     z* = argmin_j d(f(x, z_j), y) over m whole codes.
 
     `zero=True` returns the all-zero code (cIMLE's pretraining stage with z = 0) and its distance.
-    `picks`, if given, receives the winners j, (N,) (see `hierarchical`).
+    Returns the `Selection` (picks: the winners j, (N, 1); (N, 0) for the zero code).
     """
-    sc = Scorer(model, x, y, distance, to_rgb, memory_budget, compile)
+    sc = Scorer(model, x, y, distance, to_rgb, options.memory_budget, options.compile)
     n = x.shape[0]
     with sc.context():
         if zero:
             codes = sc.layout.zeros(n, sc.device)
-            return codes, sc.score(sc.initial, 1, codes, 1)[:, 0].float().clone()
+            no_picks = torch.zeros(n, 0, dtype=torch.long, device=sc.device)
+            return Selection(codes, sc.score(sc.initial, 1, codes, 1)[:, 0].float().clone(), no_picks)
         codes = sc.layout.sample(n * num_samples, generator, sc.device)
         d = sc.score(sc.initial, 1, codes, num_samples)
         best = d.argmin(1)
-        if picks is not None:
-            picks.append(best)
         chosen = latent.index(codes, torch.arange(n, device=sc.device) * num_samples + best)
-    return _detach(chosen), d.gather(1, best[:, None])[:, 0].float().clone()
+    return Selection(_detach(chosen), d.gather(1, best[:, None])[:, 0].float().clone(), torch.stack([best], 1))
 
 
 class LevelCost(NamedTuple):
@@ -324,6 +354,76 @@ def search_cost(
 # (iterative combination, partial evaluation) of `hierarchical` for the rungs that keep code division.
 ABLATIONS = ("full", "no_ic", "no_ic_pe", "no_ic_pe_cd")
 ABLATION_SWITCHES = {"full": (True, True), "no_ic": (False, True), "no_ic_pe": (False, False)}
+METHODS = ("chimle", "cimle")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A search, as `choose` makes it from a run's names: `hierarchical` with m_l = `counts` and its two
+    switches, or `flat` (`flat=True`) with m = counts[0]; `zero`: no search, the all-zero code (cIMLE's
+    pretraining rounds)."""
+
+    counts: tuple[int, ...]
+    flat: bool = False
+    iterative: bool = True
+    partial: bool = True
+    zero: bool = False
+
+
+def choose(
+    method: str = "chimle",
+    ablation: str = "full",
+    samples_per_level: Sequence[int] = (),
+    num_samples: int | None = None,
+    zero: bool = False,
+) -> Method:
+    """The one place a search is chosen (training, resume's replay, the ablation ladder).
+
+    "cimle": cIMLE's flat search with `num_samples` whole codes. "chimle": Algorithm 1 with
+    `samples_per_level`, or a rung of the ablation ladder (`ABLATIONS`): "no_ic", "no_ic_pe", or
+    "no_ic_pe_cd", the flat search with m = sum(m_l), as many generated samples as the hierarchical
+    search draws. `zero`: the all-zero code instead of a search (cIMLE's pretraining with z = 0)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose from {METHODS}")
+    if ablation != "no_ic_pe_cd" and ablation not in ABLATION_SWITCHES:
+        raise ValueError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}")
+    if method == "cimle":
+        return Method((num_samples,), flat=True, zero=zero)
+    if ablation == "no_ic_pe_cd":
+        return Method((sum(samples_per_level),), flat=True, zero=zero)
+    iterative, partial = ABLATION_SWITCHES[ablation]
+    return Method(tuple(samples_per_level), iterative=iterative, partial=partial, zero=zero)
+
+
+def run(
+    method: Method,
+    model: TowerModel,
+    x: Tensor,
+    y: Tensor,
+    distance: Distance,
+    generator: torch.Generator | None = None,
+    *,
+    to_rgb: ToRGB | None = None,
+    options: SearchOptions = SearchOptions(),
+) -> Selection:
+    """Search with `method` (see `choose`): `flat` or `hierarchical`."""
+    if method.flat:
+        m = method.counts[0]
+        return flat(model, x, y, distance, m, generator, to_rgb=to_rgb, zero=method.zero, options=options)
+    if method.zero:
+        return flat(model, x, y, distance, 1, generator, to_rgb=to_rgb, zero=True, options=options)
+    return hierarchical(
+        model,
+        x,
+        y,
+        distance,
+        method.counts,
+        generator,
+        iterative=method.iterative,
+        partial=method.partial,
+        to_rgb=to_rgb,
+        options=options,
+    )
 
 
 def ablation(
@@ -335,15 +435,10 @@ def ablation(
     samples_per_level: Sequence[int],
     generator: torch.Generator | None = None,
     **kw,
-) -> tuple[Codes, Tensor]:
-    """Search with one rung of the ablation ladder. "no_ic_pe_cd" is cIMLE with m = sum(m_l), the
-    same number of generated samples as the hierarchical search draws."""
-    if name == "no_ic_pe_cd":
-        return flat(model, x, y, distance, sum(samples_per_level), generator, **kw)
-    if name not in ABLATION_SWITCHES:
-        raise ValueError(f"unknown ablation {name!r}; choose from {ABLATIONS}")
-    iterative, partial = ABLATION_SWITCHES[name]
-    return hierarchical(model, x, y, distance, samples_per_level, generator, iterative=iterative, partial=partial, **kw)
+) -> Selection:
+    """Search with one rung of the ablation ladder (`ABLATIONS`; keywords as `run`'s). "no_ic_pe_cd"
+    is cIMLE with m = sum(m_l), the same number of generated samples as the hierarchical search draws."""
+    return run(choose("chimle", name, samples_per_level), model, x, y, distance, generator, **kw)
 
 
 def _detach(codes: Codes) -> Codes:

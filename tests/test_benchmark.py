@@ -32,7 +32,9 @@ def test_target_features_computed_once_per_level(lpips, monkeypatch):
     calls = []
     real = search.resize
     monkeypatch.setattr(search, "resize", lambda img, size: calls.append(tuple(size)) or real(img, size))
-    search.hierarchical(model, x, y, lpips, [6, 4, 2], torch.Generator().manual_seed(0), memory_budget=100_000)
+    search.hierarchical(
+        model, x, y, lpips, [6, 4, 2], torch.Generator().manual_seed(0), options=search.SearchOptions(100_000)
+    )
     assert calls == [(16, 16), (32, 32), (64, 64)]
 
 

@@ -114,11 +114,10 @@ def test_cuda_fast_step_matches_plain_step(amp):
             model,
             torch.optim.SGD(model.parameters(), lr=0.0),
             xb,
-            None,
+            pool.loss_targets(rows, model.cfg.output_sizes(8, 8), d, dev),
             cb,
             d,
             amp=amp,
-            targets=pool.loss_targets(rows, model.cfg.output_sizes(8, 8), d, dev),
         )
     assert pool.target_cache and all(t.image.device.type == "cuda" for t in pool.target_cache[0])
     tol = 2e-2 if amp else 1e-4  # bf16: both are bf16 forwards (cuDNN may pick other kernels run to run)

@@ -383,7 +383,7 @@ def test_skip_bad(tmp_path, photo_dir):
     assert "aaa_half.png" in str(e.value)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ds = ImageDataset(root, "jpeg", crop=64, skip_bad=True)
+        ds = ImageDataset(root, "jpeg", crop=64, bad_files="skip")
     assert len(w) == 1 and "skipped 2 " in str(w[0].message)
     assert len(ds) == n_good and [p.split("/")[-1] for p, _ in ds.skipped] == ["aaa_half.png", "zzz_text.jpg"]
     assert "aaa_half" not in ds.names and ds[0]["target"].shape == (3, 64, 64)

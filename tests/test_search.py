@@ -6,7 +6,7 @@ import torch
 from chimle import latent
 from chimle.memory import chunk_rows, parse_bytes
 from chimle.model import TowerConfig, TowerModel
-from chimle.search import ablation, flat, hierarchical, reference_hierarchical, replay
+from chimle.search import Method, SearchOptions, ablation, choose, flat, hierarchical, reference_hierarchical, replay
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
@@ -41,7 +41,7 @@ def test_hierarchical_is_true_argmin(setup, iterative, partial):
         torch.Generator().manual_seed(7),
         iterative=iterative,
         partial=partial,
-        memory_budget=50_000,
+        options=SearchOptions(memory_budget=50_000),
     )
     # Algorithm 1 written plainly: one full forward per candidate, drawing in the same order
     ref_codes, ref_final = reference_hierarchical(
@@ -54,7 +54,7 @@ def test_hierarchical_is_true_argmin(setup, iterative, partial):
 
 def test_flat_is_true_argmin(setup):
     model, x, y, hw = setup
-    codes, dists = flat(model, x, y, mse, 6, torch.Generator().manual_seed(3), memory_budget=30_000)
+    codes, dists = flat(model, x, y, mse, 6, torch.Generator().manual_seed(3), options=SearchOptions(30_000))
     cands = model.latent_layout(hw).sample(3 * 6, torch.Generator().manual_seed(3))
     with torch.no_grad():
         for i in range(3):
@@ -69,8 +69,8 @@ def test_flat_is_true_argmin(setup):
 
 def test_deterministic_and_chunk_independent(setup):
     model, x, y, _ = setup
-    a = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(5), memory_budget="1GB")
-    b = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(5), memory_budget=10_000)
+    a = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(5), options=SearchOptions("1GB"))
+    b = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(5), options=SearchOptions(10_000))
     assert all(torch.equal(p.noise, q.noise) for p, q in zip(a[0], b[0]))
     torch.testing.assert_close(a[1], b[1])
     c = hierarchical(model, x, y, mse, [4, 3, 2], torch.Generator().manual_seed(6))
@@ -121,21 +121,21 @@ def test_budget_helpers(setup):
 def test_replay_rebuilds_the_chosen_codes(setup, iterative, partial):
     """The winners and the generator's seed are enough to redraw the codes (what checkpoints store)."""
     model, x, y, hw = setup
-    picks = []
-    codes, _ = hierarchical(
-        model, x, y, mse, [5, 4, 3], torch.Generator().manual_seed(3), iterative=iterative, partial=partial, picks=picks
+    chosen = hierarchical(
+        model, x, y, mse, [5, 4, 3], torch.Generator().manual_seed(3), iterative=iterative, partial=partial
     )
+    codes, picks = chosen.codes, chosen.picks
     layout = model.latent_layout(hw)
-    again = replay(
-        layout, [5, 4, 3], torch.stack(picks, 1), torch.Generator().manual_seed(3), iterative=iterative, partial=partial
-    )
+    method = Method((5, 4, 3), iterative=iterative, partial=partial)
+    again = replay(layout, method, picks, torch.Generator().manual_seed(3))
     for a, b in zip(codes, again, strict=True):
         assert torch.equal(a.style, b.style) and torch.equal(a.noise, b.noise)
-    picks = []
-    codes, _ = flat(model, x, y, mse, 6, torch.Generator().manual_seed(4), picks=picks)
-    again = replay(layout, [6], picks[0], torch.Generator().manual_seed(4), flat=True)
+    chosen = flat(model, x, y, mse, 6, torch.Generator().manual_seed(4))
+    codes, picks = chosen.codes, chosen.picks
+    cimle = choose("cimle", num_samples=6)
+    again = replay(layout, cimle, picks, torch.Generator().manual_seed(4))
     assert all(torch.equal(a.noise, b.noise) for a, b in zip(codes, again, strict=True))
-    wrong = replay(layout, [6], (picks[0] + 1) % 6, torch.Generator().manual_seed(4), flat=True)
+    wrong = replay(layout, cimle, (picks + 1) % 6, torch.Generator().manual_seed(4))
     assert not torch.equal(wrong[0].style, codes[0].style)
 
 
@@ -185,7 +185,7 @@ def test_hierarchical_with_a_feature_distance_is_the_reference(layout, hw):
     counts = [4, 3, 2]
     # a small budget forces several chunks per level in the fast search
     fast_codes, fast_d = hierarchical(
-        model, x, y, lpips, counts, torch.Generator().manual_seed(1), memory_budget=200_000
+        model, x, y, lpips, counts, torch.Generator().manual_seed(1), options=SearchOptions(200_000)
     )
     naive_codes, naive_d = reference_hierarchical(model, x, y, lpips, counts, torch.Generator().manual_seed(1))
     for a, b in zip(fast_codes, naive_codes, strict=True):

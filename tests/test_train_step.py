@@ -52,7 +52,7 @@ def test_fast_step_computes_the_plain_loss_and_gradients(task, distance, pixel_w
     opt = torch.optim.SGD(fast.parameters(), lr=0.0)  # keeps the weights: only the gradients are compared
     targets = pool.loss_targets(rows, sizes, d, CPU)
     got = optimize_step(
-        fast, opt, x, None, codes, d, to_rgb=t.rgb, loss_scale=1 / len(rows), pixel_weight=pixel_weight, targets=targets
+        fast, opt, x, targets, codes, d, to_rgb=t.rgb, loss_scale=1 / len(rows), pixel_weight=pixel_weight
     )
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-7)
     # The gradients agree to ~1e-6 of their largest entry (measured 1e-7..7e-7: convolutions summed in

@@ -187,15 +187,14 @@ def search_agreement(
     seconds = time.perf_counter() - t0
     # The production path, for the record: `search.hierarchical` with the same generator draws the same
     # level-1 candidates and judges them as `fast` does on CUDA, as `ref` does on a CPU (float32 there).
-    picks: list[torch.Tensor] = []
-    search.hierarchical(model, x, y, distance, counts, torch.Generator(device=dev).manual_seed(seed), picks=picks)
+    picks = search.hierarchical(model, x, y, distance, counts, torch.Generator(device=dev).manual_seed(seed)).picks
     mine = levels[0]["picks_bf16" if dev.type == "cuda" else "picks_fp32"]
     return {
         "inputs": n,
         "counts": list(counts),
         "levels": levels,
         "seconds": seconds,
-        "production_level1_same": sum(int(p == q) for p, q in zip(picks[0].tolist(), mine)),
+        "production_level1_same": sum(int(p == q) for p, q in zip(picks[:, 0].tolist(), mine)),
         **summarize_search(levels),
     }
 
@@ -263,13 +262,11 @@ def train_curve(
                 model,
                 opt,
                 x_all[idx],
-                None,
+                targets,
                 codes,
                 distance,
                 loss_scale=1 / batch,
                 amp=use_bf16,
-                cpu_amp=use_bf16,
-                targets=targets,
             )
         curve.append(float(losses.sum(1).mean()))
     return curve
@@ -350,7 +347,7 @@ def memory_check(model: TowerModel, distance, device: torch.device) -> list[dict
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
-                optimize_step(model, opt, x, None, codes, distance, amp=amp, targets=targets)
+                optimize_step(model, opt, x, targets, codes, distance, amp=amp)
                 torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         alloc, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)

@@ -252,7 +252,8 @@ def bench_case(
     fast_time = None
 
     def hier(counts, compile_=False, on_level=None):
-        return search.hierarchical(model, x, y, distance, counts, gen(), compile=compile_, on_level=on_level)
+        options = search.SearchOptions(compile=compile_, on_level=on_level)
+        return search.hierarchical(model, x, y, distance, counts, gen(), options=options)
 
     if "search" in only or "naive" in only:
         marks: list[float] = []

@@ -74,16 +74,16 @@ class ImageDataset(Dataset):
         JPEGs carry 8x8 block artefacts and subsampled chroma, and downscaling
         at least 2x averages them out, so the model does not learn to imitate
         them; it also makes crops cover more of the scene.
-    skip_bad: every file is fully decoded once at construction (so a broken
-        file fails now, not hours into training). False: raise the ImageError
-        of the first bad file. True: drop bad files, list them in
+    bad_files: every file is fully decoded once at construction (so a broken
+        file fails now, not hours into training). "raise": raise the ImageError
+        of the first bad file. "skip": drop bad files, list them in
         ``self.skipped`` as (path, problem) and warn once with the count.
+        "unchecked": no decode-everything check (errors then surface in __getitem__).
     cache: keep the decoded, prescaled images in memory (float32, 12 bytes a
         pixel; each DataLoader worker holds its own copy) -- for small datasets.
     input_root: the folder of inputs for the paired task, matched to targets by name.
     levels: tower levels, only checked here (the crop must make an exact pyramid);
         for "upscale" it defaults to, and must equal, log2(task.scale).
-    verify: False skips the decode-everything check (errors then surface in __getitem__).
     """
 
     def __init__(
@@ -94,12 +94,11 @@ class ImageDataset(Dataset):
         levels: int | None = None,
         train: bool = True,
         *,
-        skip_bad: bool = False,
+        bad_files: str = "raise",
         seed: int = 0,
         input_root: PathOrPaths | None = None,
         prescale: float | None = None,
         cache: bool = False,
-        verify: bool = True,
     ):
         self.task = make_task(task) if isinstance(task, str) else task
         self.crop, self.train, self.seed, self.epoch = int(crop), bool(train), int(seed), 0
@@ -108,6 +107,8 @@ class ImageDataset(Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if prescale is not None and prescale < 1:
             raise ValueError(f"prescale is a downscale factor >= 1, got {prescale}")
+        if bad_files not in ("raise", "skip", "unchecked"):
+            raise ValueError(f"bad_files is 'raise', 'skip' or 'unchecked', got {bad_files!r}")
         self.levels = self._check_levels(levels)
 
         targets = _keyed(root)
@@ -130,8 +131,8 @@ class ImageDataset(Dataset):
         self.paths = [targets[k] for k in self.names]
         self.input_paths = [inputs[k] for k in self.names] if self.task.paired else None
         self.skipped: list[tuple[str, str]] = []
-        if verify:
-            self._verify(skip_bad)
+        if bad_files != "unchecked":
+            self._verify(skip_bad=bad_files == "skip")
 
     def _check_levels(self, levels: int | None) -> int:
         t, crop = self.task, self.crop

@@ -22,7 +22,7 @@ from ..data.imageio import pyplot, save_figure
 from ..loss import Distance, ToRGB
 from ..model import TowerModel
 from ..rng import seeded
-from ..search import Scorer, hierarchical, level_costs, search_cost
+from ..search import Scorer, SearchOptions, hierarchical, level_costs, search_cost
 
 __all__ = ["sample_efficiency", "level_diagnostics", "plot_efficiency", "BUDGETS"]
 
@@ -120,7 +120,7 @@ def sample_efficiency(
                 sched,
                 seeded(seed, s, 2, device=device),
                 to_rgb=to_rgb,
-                memory_budget=memory_budget,
+                options=SearchOptions(memory_budget=memory_budget),
             )
             extra[tuple(sched)].append(float(d.double().mean()))
     costs = level_costs(model, tuple(x.shape[-2:]), distance, to_rgb)

@@ -107,7 +107,7 @@ class TrainConfig:
     grid_samples: int = 4  # samples per input in a sample grid
     # What a non-finite (NaN/inf) loss or weight does: stop (one line naming the step, the loss, the learning
     # rate and the last good checkpoint) | skip (drop that step's update and go on; stops after
-    # trainer.MAX_SKIPS in a row) | rollback (reload the last good checkpoint at half the learning rate).
+    # faults.MAX_SKIPS in a row) | rollback (reload the last good checkpoint at half the learning rate).
     on_nonfinite: str = "stop"
     check_weights_every: int = 100  # steps between NaN/inf checks of the weights (the loss: every step; 0 = at saves)
     # Seconds a rank waits for the others in a collective before it gives up with a message (a dead or

@@ -9,7 +9,7 @@ redrawn from the search's seeds (`chimle.search.replay`), bit-equal.
 The targets do not change during a round either, so the pool also keeps what the loss makes of each
 target (`level_targets`: the target resized to every level and its LPIPS features), computed the
 first time the entry is drawn and reused on every later step of the round, as long as they fit in a
-memory budget (LPIPS-VGG: 2.6 MB per entry at the small preset's 64 px, 166 MB at the paper's 512 px).
+memory budget (the sizes per entry are in docs/measurements.md, "CPU: the training step").
 """
 
 from __future__ import annotations

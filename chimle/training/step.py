@@ -2,7 +2,7 @@
 
 opt = torch.optim.Adam(param_groups(model, lr=1e-4, mapping_lr_mult=0.01))
 losses = optimize_step(model, opt, x, y, codes, distance, to_rgb=task.rgb, loss_scale=1 / batch)
-losses = optimize_step(model, opt, x, None, codes, distance, targets=pool.loss_targets(rows, sizes, distance, dev))
+losses = optimize_step(model, opt, x, pool.loss_targets(rows, sizes, distance, dev), codes, distance)
 
 A step is the tower's forward and backward, the distance's forward and backward on every level's output,
 and Adam. What is not repeated: the targets' distance features, which do not change during a round
@@ -14,6 +14,7 @@ figures are in docs/measurements.md.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,27 +51,26 @@ def optimize_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     x: Tensor,
-    y: Tensor | None,
+    y: Tensor | Sequence[LevelTarget],
     codes: latent.Codes,
     distance: Distance,
     *,
     to_rgb: ToRGB | None = None,
     loss_scale: float = 1.0,
-    amp: bool = True,
+    amp: bool | None = None,
     pixel_weight: float = 0.0,
-    targets: list[LevelTarget] | None = None,
-    cpu_amp: bool = False,
 ) -> Tensor:
     """One optimizer step: forward all levels, loss = loss_scale * sum of the per-level losses
     (`chimle.loss.level_losses`), backward, step. `model` is the tower (or its DDP / torch.compile
     wrapper). Returns the detached (N, L) losses.
 
-    `targets` (`chimle.loss.level_targets` of y, e.g. `Pool.loss_targets`) replaces y: the same loss
-    without resizing and embedding the targets on every step.
+    `y`: the targets (N, 3, H, W), or their `chimle.loss.level_targets` (e.g. `Pool.loss_targets`): the
+    same loss without resizing and embedding the targets on every step.
 
-    The tower runs on channels-last inputs; on CUDA under bf16 autocast (if `amp`), the loss in float32.
-    The CPU path is plain float32, so CPU runs stay bit-for-bit reproducible; `cpu_amp` runs the
-    forward under the CPU's bf16 autocast instead (for `chimle bench gpu`'s precision checks).
+    The tower runs on channels-last inputs, its forward under bf16 autocast as `amp` says, the loss in
+    float32. `amp=None` (the default): on CUDA only, so the CPU path is plain float32 and CPU runs stay
+    bit-for-bit reproducible; True: on either device (the CPU's bf16 for `chimle bench gpu`'s precision
+    checks); False: float32 everywhere.
     """
     cuda = x.device.type == "cuda"
     # Channels-last activations: cuDNN's bf16 kernels prefer them, and oneDNN runs the tower's narrow
@@ -78,17 +78,18 @@ def optimize_step(
     # gradients inherit the layout from the input.
     x = x.contiguous(memory_format=torch.channels_last)
     codes = latent.channels_last(codes)
-    if cuda and amp:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    elif not cuda and cpu_amp:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    if amp or (amp is None and cuda):
+        autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
     else:
         autocast = contextlib.nullcontext()
     with autocast:
         outs = model(x, codes)
     if not cuda:  # but oneDNN runs LPIPS's VGG slower on channels-last: hand it the usual layout
         outs = [o.contiguous() for o in outs]
-    losses = level_losses(outs, x, y, distance, to_rgb, pixel_weight, targets=targets)  # (n, L)
+    if isinstance(y, Tensor):
+        losses = level_losses(outs, x, y, distance, to_rgb, pixel_weight)  # (n, L)
+    else:
+        losses = level_losses(outs, x, None, distance, to_rgb, pixel_weight, targets=y)
     opt.zero_grad(set_to_none=True)
     (losses.sum() * loss_scale).backward()
     opt.step()
