@@ -18,6 +18,7 @@ import time
 
 CASES = {
     "chimle --help": ["--help"],
+    "chimle bench speed --help": ["bench", "speed", "--help"],
     "chimle sample (argument error: no INPUT)": ["sample", "sr8-small"],
     "chimle trian (argument error: unknown command)": ["trian"],
 }

@@ -9,7 +9,7 @@ has no compile switch: on a CPU it measured no gain.
 
 import sys
 
-from chimle.apps.bench_speed import main
+from chimle.apps.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["--compile", "--only", "search,train", *sys.argv[1:]]))
+    sys.exit(main(["bench", "speed", "--compile", "--only", "search,train", *sys.argv[1:]]))

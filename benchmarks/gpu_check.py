@@ -5,13 +5,13 @@ the GPU's bf16 matmul peak, paper-preset memory, DDP, tiled 4096 x 4096 sampling
     python benchmarks/gpu_check.py --quick --json gpu.json
     python benchmarks/gpu_check.py --budget 300      # seconds: later checks are skipped, and say so
 
-The same as `chimle bench gpu`; every option is documented in chimle/apps/bench_gpu.py (`--help`).
+The same as `chimle bench gpu`; `chimle bench gpu --help` lists every option.
 Without a GPU it runs the bf16 agreement checks on the CPU and names the checks it skipped.
 """
 
 import sys
 
-from chimle.apps.bench_gpu import main
+from chimle.apps.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["bench", "gpu", *sys.argv[1:]]))

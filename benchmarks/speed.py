@@ -5,12 +5,12 @@
     python benchmarks/speed.py --presets paper          # the authors' size (on a CPU: tiny counts, slow)
     python benchmarks/speed.py --threads 1 --json out.json
 
-The same as `chimle bench speed`; every option is documented in chimle/benchmark.py (`--help`).
+The same as `chimle bench speed`; `chimle bench speed --help` lists every option.
 """
 
 import sys
 
-from chimle.apps.bench_speed import main
+from chimle.apps.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["bench", "speed", *sys.argv[1:]]))

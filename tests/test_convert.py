@@ -24,7 +24,6 @@ from safetensors import safe_open
 
 import chimle
 from chimle import latent
-from chimle.apps.convert_cli import add_convert_parser, cmd_convert
 from chimle.data.tasks import make_task
 from chimle.inference.convert import (
     TASK_VARIANTS,
@@ -227,19 +226,18 @@ def test_convert_every_layout_and_variant(tmp_path, layout, variant):
 
 def test_cli_convert_and_sample(tmp_path, capsys):
     """`chimle convert` writes weights that `chimle sample` (here its function, tiled too) takes."""
+    from chimle.apps.cli import main
     from chimle.data.imageio import save_image
-    from chimle.inference.files import sample_paths
+    from chimle.inference.files import SampleOptions, Tiling, sample_paths
 
     cfg = tiny_cfg("sr")
     src = _save_layout(authors_checkpoint(authors_shapes(cfg, "Super_Resolution")), "training", tmp_path / "a.tar")
-    parser = argparse.ArgumentParser()
-    add_convert_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", str(src), str(tmp_path / "sr.safetensors"), "--task", "sr"])
-    assert cmd_convert(args) == 0
+    assert main(["convert", str(src), str(tmp_path / "sr.safetensors"), "--task", "sr"]) == 0
     assert "3 levels" in capsys.readouterr().out
     save_image(torch.rand(3, 10, 12), tmp_path / "in.png")
+    options = SampleOptions(tiling=Tiling(6))
     written = sample_paths(
-        tmp_path / "sr.safetensors", tmp_path / "in.png", 1, tmp_path / "out", tile=6, progress=False
+        tmp_path / "sr.safetensors", tmp_path / "in.png", 1, tmp_path / "out", options, progress=False
     )
     assert any(p.name == "in_000.png" for p in written)
 

@@ -9,6 +9,7 @@ import torch
 
 from chimle import search
 from chimle.apps import bench_gpu
+from chimle.apps.cli import main
 from chimle.data.imageio import read_csv_columns
 from chimle.distances import make_distance
 from chimle.model import TowerConfig, TowerModel
@@ -26,7 +27,7 @@ def gpu(test):
 
 def test_bench_gpu_cpu_parts_report_checkable_numbers(tmp_path, capsys, one_thread):
     out = tmp_path / "gpu.json"
-    assert bench_gpu.main(["--quick", "--device", "cpu", "--threads", "1", "--json", str(out)]) == 0
+    assert main(["bench", "gpu", "--quick", "--device", "cpu", "--threads", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     r = json.loads(out.read_text())
     # what a CPU cannot run is named, with the reason, in the JSON and in the table
@@ -131,7 +132,7 @@ def test_cuda_fast_step_matches_plain_step(amp):
 def test_cuda_bench_gpu_quick_passes(tmp_path):
     """The whole GPU check suite, small: every check runs (none skipped) and passes."""
     out = tmp_path / "gpu.json"
-    rc = bench_gpu.main(["--quick", "--json", str(out), "--budget", "900"])
+    rc = main(["bench", "gpu", "--quick", "--json", str(out), "--budget", "900"])
     r = json.loads(out.read_text())
     assert not r["skipped"], r["skipped"]
     assert set(r["checks"]) == set(bench_gpu.CHECKS)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from chimle.apps.cli import main
 from chimle.data.imageio import load_image, read_csv_columns, save_image, to_uint8
 from chimle.data.tasks import make_task
-from chimle.inference.files import sample_paths
+from chimle.inference.files import SampleOptions, Tiling, sample_paths
 from chimle.inference.sample import generate
 from chimle.inference.tiling import pad_to_tower
 from chimle.inference.weights import CheckpointError, load_state
@@ -454,7 +454,8 @@ def test_streamed_tiled_sample_is_the_tiled_sample(tmp_path, task, cfg, hw):
     t = make_task(task, **({"scale": model.cfg.scale} if task == "sr" else {}))
     img = torch.rand(3, *hw)
     save_image(img, tmp_path / "in.png")
-    written = sample_paths(path, tmp_path / "in.png", 2, tmp_path / "out", tile=12, overlap=4, seed=5, progress=False)
+    options = SampleOptions(seed=5, tiling=Tiling(12, overlap=4))
+    written = sample_paths(path, tmp_path / "in.png", 2, tmp_path / "out", options, progress=False)
     x = load_image(tmp_path / "in.png")
     x = x if task == "sr" else t.prepare_input(x)
     xp, (h, w) = pad_to_tower(x[None], model)

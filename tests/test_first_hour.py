@@ -3,6 +3,9 @@ what is wrong and what to do, `--threads`, `chimle demo --resume`, and `chimle.s
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import inspect
 import subprocess
 import sys
 
@@ -36,6 +39,9 @@ def _probe(*args: str) -> tuple[str, str, bool]:
         (["sample", "sr8-small"], 2, "the following arguments are required: input, --out"),
         (["trian"], 2, "invalid choice: 'trian'"),
         (["train", "--steps", "x"], 2, "argument --steps: invalid int value: 'x'"),
+        (["bench", "speed", "--help"], 0, "--presets PRESETS"),
+        (["explore", "--help"], 0, "(default: the shipped sr8-small)"),
+        (["reproduce", "--quick", "--parts"], 2, "argument --parts: expected one argument"),
     ],
 )
 def test_help_and_argument_errors_do_not_import_torch(args, exit_code, shown):
@@ -58,13 +64,52 @@ def test_library_choices_are_checked_after_the_lazy_import(capsys):
     assert "argument --preset: invalid choice: 'huge' (choose from 'paper', 'small', 'tiny')" in capsys.readouterr().err
 
 
-def test_convert_parses_with_its_own_parser(capsys):
+def test_convert_parses_with_the_one_parser(capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", "their.pth"])
     assert e.value.code == 2
     assert "chimle convert: error: the following arguments are required: out, --task" in capsys.readouterr().err
     assert main(["convert", "missing.pth", "out.safetensors", "--task", "sr"]) == 2
     assert "chimle convert: error: checkpoint 'missing.pth' does not exist" in capsys.readouterr().err
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_command_runs_through_the_one_table():
+    """Every command and benchmark of the parser has its entry in `COMMANDS`: a `cmd_NAME(args)` of an app
+    module, which has no parser or `main` of its own; the names the help texts write out are the apps'."""
+    from chimle.apps import bench_gpu, bench_speed, cli, reproduce
+
+    commands = _subcommands(cli.build_parser())
+    names = [n for n in commands if n != "bench"] + [f"bench {n}" for n in _subcommands(commands["bench"])]
+    assert sorted(names) == sorted(cli.COMMANDS)
+    for name, target in cli.COMMANDS.items():
+        module_name, _, function = target.partition(":")
+        module = importlib.import_module(f"chimle.apps.{module_name}")
+        run = getattr(module, function)
+        assert function == "cmd_" + name.replace("bench ", "bench_") and list(inspect.signature(run).parameters) in (
+            ["a"],
+            ["args"],
+        ), target
+        assert not hasattr(module, "main") and not hasattr(module, "build_parser"), module_name
+    assert cli.REPRODUCE_PARTS == tuple(reproduce.PARTS) and cli.REPRODUCE_EXTRA_PARTS == tuple(reproduce.EXTRA_PARTS)
+    assert cli.GPU_CHECKS == bench_gpu.CHECKS and cli.SPEED_BENCHMARKS == bench_speed.BENCHMARKS
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["reproduce", "--parts", "mnist,tabel1"], "chimle reproduce: error: unknown part(s) ['tabel1']; choose from"),
+        (["bench", "gpu", "--only", "serach"], "chimle bench gpu: error: unknown check 'serach': --only takes search,"),
+        (["bench", "speed", "--only", "fast"], "chimle bench speed: error: unknown benchmark or case 'fast': --only"),
+    ],
+)
+def test_an_app_command_fails_in_one_line_through_the_one_handler(args, said, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err
 
 
 @pytest.fixture(scope="module")

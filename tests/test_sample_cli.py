@@ -3,13 +3,17 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from chimle.apps.cli import main
-from chimle.data.imageio import list_images, load_image, save_image
+from chimle.data.imageio import list_images, load_image, save_image, to_uint8
+from chimle.data.tasks import make_task
 from chimle.inference.sample import generate
 from chimle.inference.tiling import pad_to_tower
+from chimle.inference.weights import load_with_task
 from chimle.model import TowerConfig, TowerModel
 from chimle.rng import seeded
 
@@ -187,3 +191,24 @@ def test_tiled_sampling_matches_untiled_away_from_seams(weights, photo_dir, tmp_
     print(f"tiled vs untiled: mean {err.mean():.2e}, max {err.max():.2e}")
     assert err.mean() < 0.01 and err.max() > 0  # measured 3.1e-3: tiled for real, and close
     assert main(["sample", str(weights), str(src), "--out", str(tmp_path / "x"), "--tile", "big"]) == 2
+
+
+@pytest.mark.parametrize("draw", [[], ["--from-level", "2"], ["--same-code"]])
+def test_streamed_samples_draw_the_codes_generate_draws(weights, photo_dir, tmp_path, draw):
+    """`chimle sample --tile` streams each sample into its PNG (pypng, one code at a time from
+    `draw_codes`): the files hold exactly the 8-bit pixels of `generate(..., tile=...)` for the same seed."""
+    lr = load_image(list_images(photo_dir)[0])[:, :11, :13]
+    save_image(lr, tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["sample", str(weights), str(tmp_path / "a.png"), "--num", "3", "--seed", "2", "--out", str(out)]
+    assert main([*args, "--tile", "6", "--overlap", "2", *draw]) == 0
+    model, task_cfg = load_with_task(weights)
+    x, (h, w) = pad_to_tower(load_image(tmp_path / "a.png")[None], model)
+    options = {"from_level": 2} if "--from-level" in draw else {"same_code": True} if draw else {}
+    want = generate(
+        model, x, 3, torch.Generator().manual_seed(2), task=make_task(**task_cfg), tile=6, overlap=2, **options
+    )
+    want = to_uint8(want[:, 0, :, : h * 4, : w * 4]).permute(0, 2, 3, 1).numpy()
+    got = np.stack([np.asarray(Image.open(out / f"a_{k:03d}.png")) for k in range(3)])
+    assert got.shape == (3, 44, 52, 3) and np.array_equal(got, want)
+    assert not np.array_equal(got[0], got[1])  # three samples, not one thrice

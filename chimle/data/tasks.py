@@ -33,6 +33,7 @@ __all__ = [
     "Task",
     "TASKS",
     "make_task",
+    "degrade_and_crop",
     "SuperResolution",
     "Colorize",
     "JpegDecompression",
@@ -447,3 +448,18 @@ def make_task(name: str, **kw) -> Task:
     if bad:
         raise TypeError(f"task {name!r} has no option(s) {', '.join(bad)}; valid: {', '.join(valid) or 'none'}")
     return cls(**kw)
+
+
+def degrade_and_crop(task: Task | None, photo: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A real photo (3, H, W) in [0, 1] -> (the model's input made from it, the target): the photo cropped at
+    the bottom and right to a multiple of the task's scale (super-resolution; 1 for the other tasks), then
+    `task.degrade`d with `seed`. What `chimle sample --degrade` and the explorer's "degrade it first" do."""
+    if task is None or task.paired:
+        what = "weights without a task" if task is None else f"the {task.name!r} task (its inputs are files)"
+        raise ValueError(f"degrading needs a task that makes inputs from photos (sr, colorize, jpeg, night): {what}")
+    s = task.scale
+    h, w = (d - d % s for d in photo.shape[-2:])
+    if h < 1 or w < 1:
+        raise ValueError(f"the image ({photo.shape[-2]}x{photo.shape[-1]}) is smaller than the scale {s}")
+    target = photo[:, :h, :w]
+    return task.degrade(target, seed), target

@@ -1,28 +1,29 @@
 """Files in, PNGs out: `chimle sample` on an image or a folder of images; `chimle.sample` in Python.
 
     sample_paths("runs/demo/checkpoints/last.pt", "photo.png", num=8, out="samples/")
+    sample_paths("sr8-small", "big.png", 2, "samples/", SampleOptions(seed=1, tiling=Tiling("auto")))
     samples = sample_image("sr8-small", "photo.png", num=8, seed=0)   # the same pixels, as a tensor
 
 Inputs of any size are padded (reflect) to what the tower needs and the outputs cropped back.
 
 With a tile (`--tile`), outputs of any size are streamed: every band of rows the tiling finishes
-(`tiling.tiled_bands`) is converted to 8 bit and written into the PNG at once (a small PNG encoder
-below; Pillow wants the whole image, and would hold it at 4 bytes per pixel), so no copy of the whole
+(`tiling.tiled_bands`) is converted to 8 bit and written into the PNG at once (pypng writes rows as they
+come; Pillow wants the whole image, and would hold it at 4 bytes per pixel), so no copy of the whole
 output is ever made. The grid of such a sample shows previews of at most PREVIEW_SIDE px a side, each
 reduced from the same bands as they pass. Memory: the budget of the tiles, one band's accumulator, the
-codes and the input, whatever the output size (README, "Large images").
+codes and the input, whatever the output size (docs/sampling.md, "Large images").
 """
 
 from __future__ import annotations
 
-import struct
 import warnings
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import png
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -32,19 +33,62 @@ from tqdm.auto import tqdm
 from .. import latent
 from ..data.imageio import IMAGE_EXTENSIONS, atomic_write, list_images, load_image, save_image, to_uint8
 from ..data.imageio import _to_float_rgb as pil_to_tensor  # load_image's mode mapping, for PIL images in memory
-from ..data.tasks import Task, make_task
+from ..data.tasks import Task, degrade_and_crop, make_task
 from ..memory import available_memory, bytes_per_row, default_budget, parse_bytes
 from ..model import TowerModel
 from ..resample import resize
 from .explore import sample_with_code
 from .figures import save_grid
-from .sample import back_project, eval_mode, generate, interpolate, redraw_from
+from .sample import back_project, draw_codes, eval_mode, generate, interpolate
 from .tiling import auto_tile, pad_to_tower, tiled_bands
 from .weights import load_with_task
 
-__all__ = ["sample_paths", "sample_image", "model_input", "write_png_rows", "tile_plan"]
+__all__ = [
+    "Tiling",
+    "SampleOptions",
+    "sample_paths",
+    "sample_image",
+    "model_input",
+    "write_png_rows",
+    "tile_plan",
+]
 
 PREVIEW_SIDE = 1024  # the longest side of a streamed sample's preview in its grid (px)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How an image too large to run at once is run: tile by tile (`chimle.inference.tiling`).
+
+    tile: a tile side in input pixels, "auto" for the largest tile that fits `memory_budget`, or None: whole,
+    unless the untiled run would not fit (`tile_plan`: then tiled as with "auto", with a line saying so).
+    overlap: tile overlap in input pixels (default a quarter of the tile). memory_budget: bytes or "4GB"
+    (default: half the free GPU memory, 2 GB on the CPU). Images that fit in one tile are not tiled."""
+
+    tile: int | str | None = None
+    overlap: int | None = None
+    memory_budget: int | str | None = None
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """What `chimle sample` draws besides `num` fresh samples per input: its options, for `sample_paths`.
+
+    seed: the generator's seed (the same seed, the same samples). from_level=k: keep levels < k of one code
+    and redraw levels >= k; same_code: sample k uses one code for every input (`sample.draw_codes`).
+    interpolate_steps: a sequence of that many frames between two codes instead (`sample.interpolate`).
+    degrade: the files are targets and the task makes the inputs from them (the grid shows input | samples |
+    target); otherwise they are the inputs themselves (a low-resolution image for sr, a grey or colour
+    photo for colorize, a JPEG for jpeg, a night photo for night/paired). project: back-project
+    super-resolution samples onto their input (`sample.back_project`; post-processing, untiled only)."""
+
+    seed: int = 0
+    from_level: int | None = None
+    same_code: bool = False
+    interpolate_steps: int = 0
+    degrade: bool = False
+    project: bool = False
+    tiling: Tiling = field(default_factory=Tiling)
 
 
 def sample_paths(
@@ -52,44 +96,28 @@ def sample_paths(
     inputs: str | Path,
     num: int,
     out: str | Path,
+    options: SampleOptions | None = None,
     *,
-    seed: int = 0,
-    from_level: int | None = None,
-    same_code: bool = False,
-    interpolate_steps: int = 0,
-    degrade: bool = False,
+    code: str | Path | None = None,
     device: str = "cpu",
     progress: bool = True,
-    tile: int | str | None = None,
-    overlap: int | None = None,
-    memory_budget: int | str | None = None,
-    code: str | Path | None = None,
-    project: bool = False,
     notice: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Sample `num` outputs for an image or a folder of images; write each output and a grid.
 
+    options: what to draw and how (`SampleOptions`; default: `num` fresh samples of seed 0, untiled
+    unless an image would not fit). An image that would not fit untiled (`tile_plan`) is tiled as with
+    "auto", and `notice` (default: warnings.warn) gets one line saying so; with interpolate_steps or
+    project, which do not tile, the line warns that it may not fit instead.
+
     code: a code .npz saved by `chimle explore` (or `chimle.inference.explore.save_code`): redraw that
-    one exact output for one input image instead of sampling.
-
-    tile: tiled inference for images too large to run at once: a tile side in input pixels, or
-    "auto" for the largest tile that fits `memory_budget` (default: half the free GPU memory, 2 GB
-    on the CPU); images that fit whole are not tiled. Without a tile, an image whose untiled run would not
-    fit (`tile_plan`: more than `memory_budget`, or than the memory available) is tiled as with "auto", and
-    `notice` (default: warnings.warn) gets one line saying so; with interpolate_steps or project, which do
-    not tile, the line warns that it may not fit instead.
-
-    project: back-project super-resolution samples onto their input (`sample.back_project`):
-    post-processing that enforces consistency with the input, off by default.
-
-    degrade=True treats the files as targets: the task makes the input from each one (so the grid
-    shows input | samples | target). Otherwise the files are the inputs themselves (a low-resolution
-    image for sr, a grey or colour photo for colorize, a JPEG for jpeg, a night photo for night/paired).
+    one exact output for one input image instead of sampling (options.degrade as the page's, if set).
     """
+    o = options if options is not None else SampleOptions()
     if code is not None:
         if not Path(inputs).is_file():
             raise ValueError(f"--code redraws one output: give one input image, not the folder '{inputs}'")
-        return [sample_with_code(weights, inputs, code, out, degrade=True if degrade else None, device=device)]
+        return [sample_with_code(weights, inputs, code, out, degrade=True if o.degrade else None, device=device)]
     if not Path(inputs).exists():
         raise FileNotFoundError(_missing_input(Path(inputs)))
     model, task_cfg = load_with_task(weights, device)
@@ -97,32 +125,32 @@ def sample_paths(
     paths = [Path(inputs)] if Path(inputs).is_file() else list_images(inputs)
     say = notice if notice is not None else (lambda msg: warnings.warn(msg, stacklevel=3))
     out = Path(out)
-    g = torch.Generator(device=model.device).manual_seed(seed)
+    g = torch.Generator(device=model.device).manual_seed(o.seed)
     written: list[Path] = []
     for p in tqdm(paths, desc="sample", disable=not progress or len(paths) < 2):
-        x, target = model_input(p, task, degrade, seed)
+        x, target = model_input(p, task, o.degrade, o.seed)
         x, (h, w) = pad_to_tower(x[None], model)
-        if same_code:  # the same draws for every input: sample k shares its code across the inputs
-            g = torch.Generator(device=model.device).manual_seed(seed)
-        whole = bool(interpolate_steps or project)  # they do not tile
-        side, note = tile_plan(model, tuple(x.shape[-2:]), tile, memory_budget, can_tile=not whole)
+        if o.same_code:  # the same draws for every input: sample k shares its code across the inputs
+            g = torch.Generator(device=model.device).manual_seed(o.seed)
+        whole = bool(o.interpolate_steps or o.project)  # they do not tile
+        side, note = tile_plan(model, tuple(x.shape[-2:]), o.tiling, can_tile=not whole)
         if note:
             say(f"'{p}' {note}")
-        if project and (task is None or task.name != "sr" or side is not None):
+        if o.project and (task is None or task.name != "sr" or side is not None):
             raise ValueError("--project works on untiled super-resolution samples (no --tile)")
-        if interpolate_steps:
+        if o.interpolate_steps:
             if side is not None:
                 raise ValueError("--interpolate does not support --tile")
-            samples = interpolate(model, x, interpolate_steps, g, task=task)
+            samples = interpolate(model, x, o.interpolate_steps, g, task=task)
         elif side is not None:  # streamed into the files, never whole in memory
-            codes = _codes(model, x, num, g, from_level, same_code)
-            written += _sample_streamed(model, x, codes, (h, w), side, overlap, task, target, out, p.stem)
+            codes = draw_codes(model, x, num, g, from_level=o.from_level, same_code=o.same_code)
+            written += _sample_streamed(model, x, codes, (h, w), side, o.tiling.overlap, task, target, out, p.stem)
             continue
         else:
-            samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=overlap)
+            samples = generate(model, x, num, g, task=task, from_level=o.from_level, same_code=o.same_code)
         s = model.cfg.scale
         samples = samples[..., : h * s, : w * s].cpu()
-        if project:
+        if o.project:
             samples = back_project(samples, x[..., :h, :w].cpu(), task)
         stem = out / p.stem
         for k in range(samples.shape[0]):
@@ -142,7 +170,8 @@ def model_input(
     image: a file, a PIL image or an RGB tensor (3, H, W) or (1, 3, H, W) in [0, 1] (grey: 1 channel).
     degrade=False: the image is the input (`task.read_input` of a file, `task.prepare_input` of pixels:
     colorize keeps the lightness; a scene layout's label map must be a file). degrade=True: the image is
-    the target and the task makes the input from it (sr crops it to a multiple of its scale first)."""
+    the target and the task makes the input from it (`chimle.data.tasks.degrade_and_crop`: sr crops it to a
+    multiple of its scale first)."""
     if isinstance(image, (str, Path)):
         if not degrade and task is not None:
             return task.read_input(image), None
@@ -151,13 +180,7 @@ def model_input(
         img = _pixels(image)
     if not degrade:
         return (img if task is None else task.prepare_input(img)), None
-    if task is None or task.paired:
-        raise ValueError("--degrade needs a task that makes inputs from photos (sr, colorize, jpeg, night)")
-    target = img
-    if task.name == "sr":  # crop so the target divides by the scale
-        h, w = (s - s % task.scale for s in img.shape[-2:])
-        target = img[:, :h, :w]
-    return task.degrade(target, seed), target
+    return degrade_and_crop(task, img, seed)
 
 
 def _pixels(image: Image.Image | Tensor) -> Tensor:
@@ -191,9 +214,7 @@ def sample_image(
     task: Task | str | dict | None = None,
     degrade: bool = False,
     from_level: int | None = None,
-    tile: int | str | None = None,
-    overlap: int | None = None,
-    memory_budget: int | str | None = None,
+    tiling: Tiling | None = None,
     device: str | torch.device | None = None,
 ) -> Tensor:
     """`num` samples of one image, the ones `chimle sample` writes for the same seed: (num, 3, H', W') in
@@ -208,7 +229,8 @@ def sample_image(
     the outputs are returned as the tower makes them). image: a path, a PIL image or an RGB tensor (3, H, W)
     or (1, 3, H, W) in [0, 1]; the task makes the input from it as `chimle sample` does (`model_input`;
     degrade=True as `--degrade`). Any size: padded to what the tower needs, the outputs cropped back. A
-    large image is tiled as `chimle sample` tiles it (`tile_plan`, with a warning when not asked for)."""
+    large image is tiled as `chimle sample` tiles it (`tile_plan`, with a warning when not asked for);
+    tiling: `Tiling(tile, overlap, memory_budget)` as `--tile`, `--overlap`, `--memory-budget`."""
     if isinstance(model, (str, Path)):
         model, task_cfg = load_with_task(model, device or "cpu")
         if task is None and task_cfg:
@@ -223,11 +245,12 @@ def sample_image(
         task = make_task(**task)
     x, _ = model_input(image, task, degrade, seed)
     x, (h, w) = pad_to_tower(x[None], model)
-    side, note = tile_plan(model, tuple(x.shape[-2:]), tile, memory_budget)
+    tiling = tiling if tiling is not None else Tiling()
+    side, note = tile_plan(model, tuple(x.shape[-2:]), tiling)
     if note:
         warnings.warn(f"the image {note}", stacklevel=2)
     g = torch.Generator(device=model.device).manual_seed(seed)
-    samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=overlap)
+    samples = generate(model, x, num, g, task=task, from_level=from_level, tile=side, overlap=tiling.overlap)
     s = model.cfg.scale
     return samples[:, 0, :, : h * s, : w * s].cpu()
 
@@ -258,24 +281,6 @@ def _sample_streamed(
     grid = out / f"{stem}_grid.png"
     save_grid(grid, shown_x, torch.stack(previews)[:, None], shown_target, task=task)
     return [*files, grid]
-
-
-def _codes(
-    model: TowerModel, x: Tensor, num: int, g: torch.Generator, from_level: int | None, same_code: bool
-) -> Iterator[latent.Codes]:
-    """The codes `generate` draws for its `num` samples of x, in the same order from the same generator
-    (so a streamed sample is the sample `generate(..., tile=...)` returns), one at a time."""
-    n, hw = x.shape[0], tuple(x.shape[-2:])
-    if from_level is not None and not 1 <= from_level <= model.cfg.levels:
-        raise ValueError(f"from_level must be in 1..{model.cfg.levels}, got {from_level}")
-    base = model.sample_codes(n, g, input_hw=hw) if from_level is not None else None
-    for _ in range(num):
-        if from_level is not None:
-            yield redraw_from(model, base, from_level, g, hw)
-        elif same_code:
-            yield latent.repeat(model.sample_codes(1, g, input_hw=hw), n)
-        else:
-            yield model.sample_codes(n, g, input_hw=hw)
 
 
 def _stream_sample(
@@ -342,50 +347,24 @@ class _Preview:
         return img.expand(3, -1, -1) if img.shape[0] == 1 else img
 
 
-def write_png_rows(f: BinaryIO, width: int, height: int, channels: int, rows: Iterator[np.ndarray]) -> None:
-    """Write an 8-bit PNG (grey or RGB) to `f` from bands of rows, uint8 arrays (r, width, channels),
-    compressing as they come: memory is one band, whatever the image size. Every row is Paeth-filtered
-    (zlib level 6, as Pillow's default): files within a few percent of Pillow's."""
+def write_png_rows(f: BinaryIO, width: int, height: int, channels: int, rows: Iterable[np.ndarray]) -> None:
+    """Write an 8-bit PNG (grey or RGB) to `f` from bands of rows, uint8 arrays (r, width, channels), with
+    pypng, which compresses the rows as they come (zlib level 6, as Pillow's default): memory is one band
+    and about 1 MB of pending rows, whatever the image size. pypng leaves the rows unfiltered (PNG filter
+    type 0): the files are larger than Pillow's (docs/measurements.md)."""
+    done = 0
 
-    def chunk(kind: bytes, data: bytes) -> None:
-        f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+    def each_row() -> Iterator[np.ndarray]:
+        nonlocal done
+        for band in rows:
+            yield from np.ascontiguousarray(band, dtype=np.uint8).reshape(band.shape[0], width * channels)
+            done += band.shape[0]
 
-    f.write(b"\x89PNG\r\n\x1a\n")
-    chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2 if channels == 3 else 0, 0, 0, 0))
-    z, prev, done, pending = zlib.compressobj(6), np.zeros(width * channels, np.uint8), 0, []
-    for band in rows:
-        band = np.ascontiguousarray(band).reshape(band.shape[0], width * channels)
-        for i in range(0, band.shape[0], 64):  # int16 temporaries of 64 rows at a time
-            part = band[i : i + 64]
-            pending.append(z.compress(_paeth(part, prev, channels)))
-            prev = part[-1]
-        done += band.shape[0]
-        if sum(map(len, pending)) > 1 << 20:
-            chunk(b"IDAT", b"".join(pending))
-            pending = []
-    if done != height:
-        raise ValueError(f"write_png_rows: got {done} rows for a {height}-row image")
-    pending.append(z.flush())
-    chunk(b"IDAT", b"".join(pending))
-    chunk(b"IEND", b"")
-
-
-def _paeth(rows: np.ndarray, prev: np.ndarray, bpp: int) -> bytes:
-    """PNG filter type 4 (Paeth) of rows (r, width * bpp) uint8, `prev` the row above the first; each
-    row prefixed with its filter byte."""
-    raw = rows.astype(np.int16)
-    up = np.vstack([prev[None].astype(np.int16), raw[:-1]])
-    left = np.zeros_like(raw)
-    left[:, bpp:] = raw[:, :-bpp]
-    upleft = np.zeros_like(raw)
-    upleft[:, bpp:] = up[:, :-bpp]
-    p = left + up - upleft
-    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
-    pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-    out = np.empty((raw.shape[0], raw.shape[1] + 1), np.uint8)
-    out[:, 0] = 4
-    out[:, 1:] = (raw - pred).astype(np.uint8)  # modulo 256
-    return out.tobytes()
+    writer = png.Writer(width, height, greyscale=channels == 1, bitdepth=8, compression=6)
+    try:
+        writer.write(f, each_row())
+    except png.ProtocolError:
+        raise ValueError(f"write_png_rows: got {done} rows for a {height}-row image") from None
 
 
 def _tile_side(
@@ -417,20 +396,17 @@ def _gb(n: int) -> str:
 
 
 def tile_plan(
-    model: TowerModel,
-    hw: tuple[int, int],
-    tile: int | str | None,
-    memory_budget: int | str | None,
-    can_tile: bool = True,
+    model: TowerModel, hw: tuple[int, int], tiling: Tiling, can_tile: bool = True
 ) -> tuple[int | None, str | None]:
     """The tile side for an input of `hw` (padded; None: run it whole), and a line for the user when the
     image is tiled without being asked, or cannot be and may not fit.
 
-    Without `tile`, the untiled run's estimate (`chimle.memory.bytes_per_row`, the one `auto_tile` fits
+    Without `tiling.tile`, the untiled run's estimate (`chimle.memory.bytes_per_row`, the one `auto_tile` fits
     tiles with; it errs high) is compared with `memory_budget` when given, else with the memory available
     (a first sample of a large photo must not end in an out-of-memory kill; the CPU's default budget,
     2 GB, would tile photos that fit). Above it, the tiles are those of `--tile auto`, within the budget
     (default: `default_budget`, at most half the memory available)."""
+    tile, memory_budget = tiling.tile, tiling.memory_budget
     if tile is not None:
         return _tile_side(model, hw, tile, memory_budget), None
     need = bytes_per_row(model, range(1, model.cfg.levels + 1), hw)

@@ -5,7 +5,7 @@ At test time every level's component is drawn independently (CHIMLE Sect. 2.2). 
                  stays and finer detail varies (CHIMLE appendix Fig. 9: local vs global variation);
   same_code      one code for every input: a consistent "style" across inputs (cIMLE Fig. 12); in
                  `sample_paths` every file replays the same draws, so sample k shares its code;
-  interpolate    a sequence of outputs between two codes (cIMLE Fig. 11).
+  interpolate    a sequence of outputs between two codes (cIMLE Fig. 11), along the arc (slerp).
 
 `back_project` is optional post-processing, off by default (`chimle sample --project`): it replaces a
 super-resolution sample's low frequencies by the input's, as Explorable SR's consistency enforcement does.
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .. import latent
 from ..data.tasks import Task
@@ -31,7 +32,7 @@ from ..latent import Codes
 from ..model import TowerModel
 from .tiling import tiled_forward
 
-__all__ = ["generate", "interpolate", "redraw_from", "eval_mode", "back_project"]
+__all__ = ["generate", "draw_codes", "interpolate", "redraw_from", "eval_mode", "back_project"]
 
 
 @contextlib.contextmanager
@@ -58,6 +59,35 @@ def redraw_from(
     return out
 
 
+def draw_codes(
+    model: TowerModel,
+    x: Tensor,
+    num: int,
+    generator: torch.Generator | None = None,
+    *,
+    from_level: int | None = None,
+    same_code: bool = False,
+) -> Iterator[Codes]:
+    """The codes of `num` samples per input of x (N, C, h, w), one sample's codes (N inputs) at a time: the
+    one order in which sampling draws from `generator` (`generate`, and `chimle sample --tile`, which streams
+    each sample into its file), so the same seed gives the same samples whichever path runs them.
+
+    Default: a fresh code per input and sample. from_level=k: one code per input is drawn first, and every
+    sample redraws its levels >= k (levels < k shared by the samples, CHIMLE appendix Fig. 9). same_code:
+    sample k uses one code for every input (cIMLE Fig. 12)."""
+    n, hw = x.shape[0], tuple(x.shape[-2:])
+    if from_level is not None and not 1 <= from_level <= model.cfg.levels:
+        raise ValueError(f"from_level must be in 1..{model.cfg.levels}, got {from_level}")
+    base = model.sample_codes(n, generator, input_hw=hw) if from_level is not None else None
+    for _ in range(num):
+        if base is not None:
+            yield redraw_from(model, base, from_level, generator, hw)
+        elif same_code:
+            yield latent.repeat(model.sample_codes(1, generator, input_hw=hw), n)
+        else:
+            yield model.sample_codes(n, generator, input_hw=hw)
+
+
 @torch.inference_mode()
 def generate(
     model: TowerModel,
@@ -67,7 +97,6 @@ def generate(
     *,
     task: Task | None = None,
     from_level: int | None = None,
-    base_codes: Codes | None = None,
     same_code: bool = False,
     all_levels: bool = False,
     tile: int | None = None,
@@ -75,35 +104,25 @@ def generate(
 ) -> Tensor:
     """`num` samples per input: (num, N, 3, H, W) RGB in [0, 1] (or every level's, if all_levels).
 
-    from_level with base_codes: redraw only levels >= from_level of base_codes (default: one fresh
-    code per input, shared by all samples). same_code: sample k uses one code for every input.
-    tile: run the tower tile by tile (`chimle.tiling`, tiles of `tile` input px overlapping by
+    The codes are `draw_codes`'s: from_level=k keeps levels < k of one code per input and redraws the
+    others; same_code: sample k uses one code for every input.
+    tile: run the tower tile by tile (`chimle.inference.tiling`, tiles of `tile` input px overlapping by
     `overlap`, default tile // 4) so that large images fit in memory; last level only. The codes are
     the same as untiled, so a tiled sample matches its untiled twin away from the seams.
     `task.rgb` turns outputs into RGB (colourisation); without a task they are returned as they are.
     The model runs in eval mode and is left in the mode it was in.
     """
-    n, hw = x.shape[0], tuple(x.shape[-2:])
-    x = x.to(model.device)
-    if from_level is not None and not 1 <= from_level <= model.cfg.levels:
-        raise ValueError(f"from_level must be in 1..{model.cfg.levels}, got {from_level}")
     if tile is not None and all_levels:
         raise ValueError("tiled sampling returns the last level only (all_levels=False)")
-    if from_level is not None and base_codes is None:
-        base_codes = model.sample_codes(n, generator, input_hw=hw)
+    codes = draw_codes(model, x, num, generator, from_level=from_level, same_code=same_code)
+    x = x.to(model.device)
     with eval_mode(model):
         results = []
-        for _ in range(num):
-            if from_level is not None:
-                codes = redraw_from(model, base_codes, from_level, generator, hw)
-            elif same_code:
-                codes = latent.repeat(model.sample_codes(1, generator, input_hw=hw), n)
-            else:
-                codes = model.sample_codes(n, generator, input_hw=hw)
+        for c in codes:
             if tile is not None:
-                outs = [tiled_forward(model, x, codes, tile, tile // 4 if overlap is None else overlap)]
+                outs = [tiled_forward(model, x, c, tile, tile // 4 if overlap is None else overlap)]
             else:
-                outs = model(x, codes)
+                outs = model(x, c)
             outs = [o if task is None else task.rgb(o, x) for o in outs]
             results.append(outs if all_levels else outs[-1])
         if all_levels:
@@ -121,23 +140,17 @@ def interpolate(
     task: Task | None = None,
     codes: tuple[Codes, Codes] | None = None,
 ) -> Tensor:
-    """Outputs along the straight line between two codes: (steps, N, 3, H, W)."""
-    hw = tuple(x.shape[-2:])
-    a, b = (
-        codes
-        if codes is not None
-        else (
-            model.sample_codes(x.shape[0], generator, input_hw=hw),
-            model.sample_codes(x.shape[0], generator, input_hw=hw),
-        )
-    )
-    za, zb = latent.flatten(a), latent.flatten(b)
-    layout = model.latent_layout(hw)
+    """Outputs along the arc between two codes (`chimle.latent.interpolate`, slerp per level of the style and
+    the noise, the interpolation the explorer page makes too): (steps, N, 3, H, W), frame 0 the output of the
+    first code and the last frame that of the second. Without `codes`, the two are those of samples 0 and 1 of
+    `generate` with the same generator (`draw_codes`). Each frame runs as one batch of the N inputs."""
+    if codes is None:
+        codes = tuple(draw_codes(model, x, 2, generator))
     x = x.to(model.device)
     frames = []
-    with eval_mode(model):
-        for t in torch.linspace(0, 1, steps).tolist():
-            out = model(x, latent.unflatten((1 - t) * za + t * zb, layout))[-1]
+    with eval_mode(model), parametrize.cached():
+        for z in latent.interpolate(*codes, steps):
+            out = model(x, latent.to(z, model.device))[-1]
             frames.append(out if task is None else task.rgb(out, x))
     return torch.stack(frames)
 
