@@ -525,7 +525,8 @@ class Scorer:
         """The level's target (or its distance features), computed once and reused for every chunk."""
         if level not in self._targets:
             t = resize(self.y, self.model.cfg.output_sizes(*self.input_hw)[level - 1])
-            self._targets[level] = self.distance.features(self.fmt(t)) if hasattr(self.distance, "features") else t
+            features = isinstance(self.distance, FeatureDistance)
+            self._targets[level] = self.distance.features(self.fmt(t)) if features else t
         return self._targets[level]
 
     def _measure(self, state: LevelState, level: int, rows: Tensor) -> Tensor:
@@ -533,7 +534,7 @@ class Scorer:
         if self.to_rgb is not None:  # state.inputs[-1] is these rows' input at full resolution
             out = self.to_rgb(out, state.inputs[-1])
         target = self._target(level)
-        if hasattr(self.distance, "features"):
+        if isinstance(self.distance, FeatureDistance):
             feats = [f.index_select(0, rows) for f in target]
             return self.distance.distance_from_features(self.distance.features(out.float()), feats)
         return self.distance(out.float(), target.index_select(0, rows))

@@ -40,7 +40,7 @@ from .. import latent
 from ..data.imageio import check_range01, pyplot, save_figure
 from ..data.tasks import rgb_to_lab
 from ..distances.lpips import LPIPS
-from ..loss import Distance, ToRGB
+from ..loss import Distance, FeatureDistance, ToRGB
 from .inception import features
 
 __all__ = [
@@ -230,7 +230,7 @@ def faithfulness_distances(
     to_mean, to_target = torch.empty(samples.shape[:2]), torch.empty(samples.shape[:2])
     for lo in range(0, samples.shape[1], chunk):  # chunks of inputs bound the memory
         sl = slice(lo, lo + chunk)
-        if hasattr(distance, "features"):  # LPIPS: features of the mean and target once, not K times
+        if isinstance(distance, FeatureDistance):  # LPIPS: features of the mean and target once, not K times
             fm, ft = distance.features(mean[sl]), distance.features(targets[sl])
             for i in range(samples.shape[0]):
                 fs = distance.features(samples[i, sl])
@@ -277,7 +277,7 @@ def lpips_diversity(samples: Tensor, distance: Distance | None = None) -> float:
     per_input = []
     for j in range(samples.shape[1]):
         s = samples[:, j]
-        if hasattr(distance, "features"):  # K feature passes instead of K (K - 1)
+        if isinstance(distance, FeatureDistance):  # K feature passes instead of K (K - 1)
             f = distance.features(s)
             d = distance.distance_from_features([t[a] for t in f], [t[b] for t in f])
         else:
