@@ -110,7 +110,7 @@ def sample_paths(
     "auto", and `notice` (default: warnings.warn) gets one line saying so; with interpolate_steps or
     project, which do not tile, the line warns that it may not fit instead.
 
-    code: a code .npz saved by `chimle explore` (or `chimle.inference.explore.save_code`): redraw that
+    code: a code .npz saved by `chimle explore` (or `chimle.inference.codefile.save_code`): redraw that
     one exact output for one input image instead of sampling (options.degrade as the page's, if set).
     """
     o = options if options is not None else SampleOptions()

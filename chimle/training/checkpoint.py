@@ -5,8 +5,8 @@ trajectory.
 A checkpoint holds the model, the optimizer, the step, the RNG state, the resolved config, the last
 logged losses and the pool's *recipe* (round, the winning candidate of every search, the distances),
 never the pool's codes: those are redrawn bit-for-bit from their seeds on resume (`chimle.search.replay`),
-so the file is the size of model + optimizer whatever the pool (the codes of a paper-preset pool
-are 400 x 435,712 floats, 700 MB).
+so the file is the size of model + optimizer whatever the pool (docs/measurements.md: what a
+paper-preset pool's codes would weigh).
 
 Two checkpoints are kept: `last.pt` and `previous.pt` (the one before it), so a damaged or bad last one
 always has a fallback. A write goes to a staging file first; only a complete, fsynced file replaces
