@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 import chimle
-from chimle.apps.bench_speed import matmul_peak
+from chimle.evaluation.speed import matmul_peak
 from chimle.loss import level_losses
 from chimle.memory import keep_freed_host_memory
 from chimle.resample import resize

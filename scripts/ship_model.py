@@ -23,7 +23,7 @@ import torch
 
 from chimle.data.imageio import builtin_photos, save_tiles
 from chimle.data.tasks import make_task
-from chimle.evaluation.evaluate import evaluate
+from chimle.evaluation.evaluate import EvalOptions, evaluate
 from chimle.evaluation.metrics import consistency
 from chimle.inference.figures import save_grid
 from chimle.inference.sample import generate
@@ -92,7 +92,15 @@ def main() -> None:
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         tiles = heldout_tiles(Path(tmp), args.tile)
-        r = evaluate(model, task, tmp, num_samples=args.num, out_dir=run / "heldout_eval", crop=args.tile, ivo_runs=0)
+        r = evaluate(
+            model,
+            task,
+            tmp,
+            num_samples=args.num,
+            out_dir=run / "heldout_eval",
+            crop=args.tile,
+            options=EvalOptions(ivo_runs=0),
+        )
     whole = whole_photos(model, task, num=4, max_side=512)
     keys = ("kid", "kid_std", "fid", "lpips_to_target_best_of_k", "lpips_to_target_mean", "lpips_diversity")
     options = ", ".join(f"{k}={v}" for k, v in task_cfg.items() if k != "name")

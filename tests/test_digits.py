@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from chimle.data import digits
 from chimle.data.tasks import make_task
-from chimle.evaluation import digit_table
+from chimle.evaluation import digit_table, stats
 from chimle.evaluation import digits as dm
+from chimle.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
@@ -178,7 +179,7 @@ def test_metric_arithmetic():
     s = np.stack([np.zeros((1, 2, 2)), np.ones((1, 2, 2))])
     assert dm.pixel_diversity(s) == pytest.approx(2.0)
     assert dm.best_of_k(s, np.full((1, 2, 2), 0.25)) == pytest.approx(0.0625)
-    c = digit_table.compare([1.0, 2.0, 4.0], [1.0, 1.0, 2.0])
+    c = stats.compare([1.0, 2.0, 4.0], [1.0, 1.0, 2.0])
     assert c["diff"] == pytest.approx(1.0)
     assert c["z"] == pytest.approx(1.0 / math.sqrt((7 / 3 + 1 / 3) / 3))  # variances 7/3 and 1/3
     assert c["paired_z"] == pytest.approx(1.0 / (1.0 / math.sqrt(3)))  # differences 0, 1, 2
@@ -186,8 +187,6 @@ def test_metric_arithmetic():
 
 def test_tables_from_rows():
     """Means, spreads, both comparisons and the ladder follow from per-seed rows (numpy recomputes them)."""
-    from chimle.apps import reproduce
-
     rng = np.random.default_rng(3)
     methods = ("chimle", "cimle_compute", "cimle_samples", "no_ic", "no_ic_pe")
     rows = [
@@ -228,7 +227,7 @@ def test_tables_from_rows():
     info = [{"data": "d", "task": "digit_complete", "source": "s", "split": "x", "train_digits": 1, "test_digits": 1}]
     info[0] |= {"classifier_accuracy": 0.5, "chimle_cost": 2.0, "m_compute": 2, "m_samples": 7}
     info[0] |= {"ambiguous_found": 3, "ambiguous_used": 3}
-    blocks = reproduce.digit_blocks({"sizes": asdict(digit_table.DigitSizes()), "info": info, **r, "figures": []})
+    blocks = digit_table.report_blocks({"sizes": asdict(digit_table.DigitSizes()), "info": info, **r, "figures": []})
     text = "\n".join(b[1] if isinstance(b[1], str) else "\n".join(b[1]) for b in blocks)
     for rung in r["ladder"][1:]:
         assert f"{rung['rung']} {rung['best_of_k_z']:+.2f}" in text
@@ -259,7 +258,7 @@ def test_digit_part_tiny(npz, tmp_path, monkeypatch):
         figure_inputs=4,
     )
     out = tmp_path / "report"
-    results = reproduce.run(out, replace(reproduce.QUICK, digits=sizes), parts=("digits",), quick=True)
+    results = reproduce.run_report(out, replace(reproduce.QUICK, digits=sizes), parts=("digits",), quick=True)
     r = json.loads((out / "digits" / "result.json").read_text())
     assert results["digits"]["runs"] == r["runs"]
     methods = ("chimle", "cimle_compute", "cimle_samples")
@@ -297,7 +296,7 @@ def test_digit_part_tiny(npz, tmp_path, monkeypatch):
     assert section.count("![digits/samples_bars_digit_complete.png]") == 1
     assert (out / "digits" / "samples_bars_digit_complete.png").stat().st_size > 2000
     # a rerun reuses every tower and every score
-    monkeypatch.setattr(reproduce.Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
+    monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
     monkeypatch.setattr(digit_table._Scorer, "score", lambda *a: pytest.fail("scored again"))
-    again = reproduce.run(out, replace(reproduce.QUICK, digits=sizes), parts=("digits",), quick=True)
+    again = reproduce.run_report(out, replace(reproduce.QUICK, digits=sizes), parts=("digits",), quick=True)
     assert again["digits"]["runs"] == r["runs"] and again["digits"]["equal_compute"] == r["equal_compute"]

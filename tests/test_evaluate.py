@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from chimle import latent, search
-from chimle.apps import bench_quality
 from chimle.apps.cli import main
 from chimle.data import ImageDataset, make_task
 from chimle.data.imageio import list_images, load_image
 from chimle.distances.lpips import LPIPS
-from chimle.evaluation import efficiency
+from chimle.evaluation import ablation, efficiency
 from chimle.evaluation import evaluate as ev
+from chimle.evaluation.efficiency import EfficiencyOptions
+from chimle.evaluation.held_out import fresh_metrics
 from chimle.inference.sample import generate
 from chimle.inference.weights import load_with_task
 from chimle.resample import resize as downsample
@@ -72,7 +73,8 @@ def test_evaluate_writes_every_metric(ckpt, held_out, tmp_path):
     task = make_task(**task_cfg)
     out = tmp_path / "eval"
     with pytest.warns(UserWarning, match="FID from 3 real and 9 fake images with 2048-d features is unreliable"):
-        r = ev.evaluate(model, task, held_out, num_samples=3, out_dir=out, crop=16, ivo_runs=2, ivo_steps=15)
+        ivo = ev.EvalOptions(ivo_runs=2, ivo_steps=15)
+        r = ev.evaluate(model, task, held_out, num_samples=3, out_dir=out, crop=16, options=ivo)
     assert (r["images"], r["samples_per_input"], r["fake_images"], r["crop"]) == (3, 3, 9, 16)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(r))
     for f in ("metrics.md", "prd.png", "samples.png"):
@@ -118,7 +120,8 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
     x = torch.stack([ds[i]["input"] for i in range(len(ds))])
     y = torch.stack([ds[i]["target"] for i in range(len(ds))])
     d = LPIPS("alex")
-    r = efficiency.sample_efficiency(model, x, y, d, seeds=3, budgets=(1, 2, 4, 8), flat_max=48, schedules=[(3, 1)])
+    options = EfficiencyOptions(seeds=3, budgets=(1, 2, 4, 8), flat_max=48, schedules=[(3, 1)])
+    r = efficiency.sample_efficiency(model, x, y, d, options)
     rows, levels = r["rows"], model.cfg.levels
     print(rows)
     assert [row["per_level_m"] for row in rows] == [1, 2, 4, 8, "3,1"]
@@ -146,12 +149,11 @@ def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
         else:
             assert n == "> 48" and curve[-1] > row["lpips_threshold"]
     # one seed at the largest budget is exactly search.hierarchical with that seed's generator
-    one = efficiency.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5)
+    options = EfficiencyOptions(seeds=1, budgets=(2, 8), flat_max=4, seed=5)
+    one = efficiency.sample_efficiency(model, x, y, d, options)
     _, dists = search.hierarchical(model, x, y, d, [8] * levels, seeded(5, 0, 0, device=model.device))
     assert one["rows"][-1]["lpips_threshold"] == pytest.approx(float(dists.double().mean()), abs=1e-6)
-    assert (
-        efficiency.sample_efficiency(model, x, y, d, seeds=1, budgets=(2, 8), flat_max=4, seed=5) == one
-    )  # deterministic
+    assert efficiency.sample_efficiency(model, x, y, d, options) == one  # deterministic
     assert efficiency.plot_efficiency(r, tmp_path / "eff.png").stat().st_size > 1000
     table = ev.write_markdown_table(rows, tmp_path / "eff.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| 1 | 2 | ")
@@ -307,7 +309,7 @@ def test_cli_bench_ablation(held_out, tmp_path, monkeypatch):
         assert (out / rung / "checkpoints" / "last.pt").exists()
     # a rerun reuses every rung's weights and metrics
     monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
-    monkeypatch.setattr(bench_quality, "generate", lambda *a, **k: pytest.fail("a rung was sampled again"))
+    monkeypatch.setattr(ablation, "generate", lambda *a, **k: pytest.fail("a rung was sampled again"))
     assert bench() == 0 and json.loads((out / "ablation.json").read_text()) == rows
 
 
@@ -317,10 +319,10 @@ def test_fresh_metrics_only_for_these_weights_and_counts(tmp_path):
     saved.write_text(json.dumps({"samples": 6, "images": 48, "kid": 0.1}))
     os.utime(ckpt, ns=(10**18, 10**18))
     os.utime(saved, ns=(10**18 + 10**6, 10**18 + 10**6))  # written 1 ms after the weights
-    assert bench_quality.fresh_metrics(saved, ckpt, samples=6, images=48)["kid"] == 0.1
-    assert bench_quality.fresh_metrics(saved, ckpt, samples=6, images=None)["kid"] == 0.1  # None: any
-    assert bench_quality.fresh_metrics(saved, ckpt, samples=4, images=48) is None
-    assert bench_quality.fresh_metrics(saved, ckpt, samples=6, other="x") is None  # a count it never saved
+    assert fresh_metrics(saved, ckpt, samples=6, images=48)["kid"] == 0.1
+    assert fresh_metrics(saved, ckpt, samples=6, images=None)["kid"] == 0.1  # None: any
+    assert fresh_metrics(saved, ckpt, samples=4, images=48) is None
+    assert fresh_metrics(saved, ckpt, samples=6, other="x") is None  # a count it never saved
     os.utime(ckpt, ns=(10**18 + 10**9, 10**18 + 10**9))  # the weights trained on after the metrics
-    assert bench_quality.fresh_metrics(saved, ckpt, samples=6) is None
-    assert bench_quality.fresh_metrics(tmp_path / "none.json", ckpt) is None
+    assert fresh_metrics(saved, ckpt, samples=6) is None
+    assert fresh_metrics(tmp_path / "none.json", ckpt) is None

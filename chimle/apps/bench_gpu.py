@@ -38,292 +38,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import latent, search
-from ..data.tasks import make_task
 from ..distances.lpips import LPIPS
+from ..evaluation.ddp_check import ddp_check
+from ..evaluation.precision import (
+    float32,
+    photo_crops,
+    search_agreement,
+    summarize_search,
+    summarize_train,
+    tower,
+    train_agreement,
+)
+from ..evaluation.speed import Case, bench_case, matmul_peak
 from ..inference.sample import generate
 from ..inference.tiling import auto_tile, padded_hw, tile_starts
 from ..loss import level_targets
-from ..memory import default_budget, keep_freed_host_memory, parse_bytes
-from ..model import TowerConfig, TowerModel
-from ..resample import resize
-from ..threads import add_threads_argument, use_threads
+from ..memory import parse_bytes
+from ..model import TowerModel
 from ..training.step import optimize_step, param_groups
-from . import bench_speed
 
-__all__ = ["main", "run", "CHECKS", "search_agreement", "train_agreement", "format_table"]
+__all__ = ["cmd_bench_gpu", "run", "CHECKS", "format_table", "failed"]
+# the checks' own functions live in chimle.evaluation.precision, .speed and .ddp_check; these names are kept here
+__all__ += ["float32", "search_agreement", "summarize_search", "summarize_train", "train_agreement"]
 
 CHECKS = ("search", "train", "memory", "speed", "ddp", "tiling")
 CPU_CHECKS = ("search", "train")  # what runs without CUDA (bf16 autocast on the CPU)
 AUTHORS_GB = 32  # "a 32 GB GPU" for 16x SR (CHIMLE's appendix; 24 GB for the other tasks)
 GiB = 2**30
-
-
-# -- precision switches ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def float32(device: torch.device) -> Iterator[None]:
-    """True float32: autocast off (also inside code that turns it on), and on CUDA no TF32 (cuDNN uses
-    it for float32 convolutions by default, which would make the reference a 10-bit one)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def bf16(device: torch.device):
-    """bf16 autocast. On CUDA the search and the training step turn it on themselves (this is a no-op
-    there); on a CPU it is what they would do with a CUDA device."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-
-def photo_crops(n: int, crop: int, scale: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(inputs, targets, source): n random crops of the builtin photos (scikit-image's), upscaled where a
-    photo is smaller than the crop, and their 8-bit bicubic downsamples by `scale` (the sr task).
-    Falls back to smooth random images where scikit-image is missing."""
-    g = torch.Generator().manual_seed(seed)
-    task = make_task("sr", scale=scale)
-    try:
-        from ..data.imageio import builtin_photo_dir, list_images, load_image
-
-        photos, source = [load_image(p) for p in list_images(builtin_photo_dir())], "builtin photos"
-    except Exception as e:  # noqa: BLE001 - no scikit-image on this machine: say so, use synthetic images
-        photos = [resize(torch.rand(1, 3, 8, 8, generator=g), (crop, crop))[0].clamp(0, 1) for _ in range(4)]
-        source = f"smooth random images ({type(e).__name__}: no builtin photos)"
-    ys = []
-    for k in range(n):
-        img = photos[k % len(photos)]
-        h, w = img.shape[-2:]
-        if min(h, w) < crop:
-            f = crop / min(h, w)
-            img = resize(img[None], (math.ceil(h * f), math.ceil(w * f)))[0].clamp(0, 1)
-            h, w = img.shape[-2:]
-        top = int(torch.randint(0, h - crop + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - crop + 1, (1,), generator=g))
-        ys.append(img[:, top : top + crop, left : left + crop])
-    y = torch.stack(ys).contiguous()
-    return task.degrade(y).contiguous(), y, source
-
-
-def tower(preset: str, levels: int, device: torch.device, seed: int = 0) -> TowerModel:
-    torch.manual_seed(seed)
-    return TowerModel(TowerConfig.preset(preset, layout="upscale", levels=levels)).to(device)
-
-
-# -- check: the search in bf16 against float32 ------------------------------------------------------
-
-
-def search_agreement(
-    model: TowerModel, x: torch.Tensor, y: torch.Tensor, distance, counts: Sequence[int], seed: int = 0
-) -> dict[str, Any]:
-    """Algorithm 1 scored twice on the same candidates: in float32 (NCHW, TF32 off) and as the search runs
-    on this device in bf16 (on CUDA: the Scorer's own autocast and channels-last; on a CPU: bf16 autocast).
-    Both judge level l on the float32 search's choices at levels < l, so every level compares the same
-    candidates on the same prefix. Returns per level the picks of both, the float32 distances at both
-    picks, the median candidate's, and the relative error of bf16's distances."""
-    dev = model.device
-    x, y = x.to(dev), y.to(dev)
-    # float32 needs twice the bytes per candidate that the search's chunking assumes on CUDA (bf16 there)
-    ref_budget = default_budget(dev) // 2 if dev.type == "cuda" else None
-    ref = search.Scorer(model, x, y, distance, None, ref_budget)
-    fast = search.Scorer(model, x, y, distance, None, None)
-    ref.fmt = lambda t: t  # the reference: plain NCHW (the Scorer would make it channels-last on CUDA)
-    with ref.context(), float32(dev):
-        ref.initial = model.initial_state(x.clone())
-    fast_ctx = lambda: contextlib.ExitStack() if dev.type == "cuda" else bf16(dev)  # noqa: E731
-    g = torch.Generator(device=dev).manual_seed(seed)
-    n, levels, t0 = x.shape[0], [], time.perf_counter()
-    p_ref, p_fast = ref.initial, fast.initial
-    for l, m in enumerate(counts, 1):
-        _, z, _ = search.draw(ref.layout, l, n * m, g, dev)
-        with ref.context(), float32(dev):
-            d32 = ref.score(p_ref, l, [z], m).float()
-        with fast.context(), fast_ctx():
-            d16 = fast.score(p_fast, l, [z], m).float()
-        a, b = d32.argmin(1), d16.argmin(1)
-        rows = torch.arange(n, device=dev)
-        chosen = latent.index([z], rows * m + a)[0]
-        with ref.context(), float32(dev):
-            p_ref = ref.step(l, p_ref, chosen)
-        with fast.context(), fast_ctx():
-            p_fast = fast.step(l, p_fast, fast.fmt(chosen))
-        err = ((d16 - d32).abs() / d32.clamp_min(1e-12)).flatten()
-        levels.append(
-            {
-                "level": l,
-                "m": m,
-                "picks_fp32": a.tolist(),
-                "picks_bf16": b.tolist(),
-                "d_fp32_at_fp32_pick": d32[rows, a].tolist(),
-                "d_fp32_at_bf16_pick": d32[rows, b].tolist(),
-                "d_fp32_median": d32.median(1).values.tolist(),
-                "bf16_rel_err_mean": float(err.mean()),
-                "bf16_rel_err_max": float(err.max()),
-            }
-        )
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
-    # The production path, for the record: `search.hierarchical` with the same generator draws the same
-    # level-1 candidates and judges them as `fast` does on CUDA, as `ref` does on a CPU (float32 there).
-    picks = search.hierarchical(model, x, y, distance, counts, torch.Generator(device=dev).manual_seed(seed)).picks
-    mine = levels[0]["picks_bf16" if dev.type == "cuda" else "picks_fp32"]
-    return {
-        "inputs": n,
-        "counts": list(counts),
-        "levels": levels,
-        "seconds": seconds,
-        "production_level1_same": sum(int(p == q) for p, q in zip(picks[:, 0].tolist(), mine)),
-        **summarize_search(levels),
-    }
-
-
-def summarize_search(levels: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures of a `search_agreement`, computed from its picks and distances (so they can be checked)."""
-    same = total = 0
-    gaps, excess, gain = [], 0.0, 0.0
-    whole = None
-    for lv in levels:
-        eq = [p == q for p, q in zip(lv["picks_fp32"], lv["picks_bf16"])]
-        whole = eq if whole is None else [w and e for w, e in zip(whole, eq)]
-        same, total = same + sum(eq), total + len(eq)
-        for e, best, got, med in zip(eq, lv["d_fp32_at_fp32_pick"], lv["d_fp32_at_bf16_pick"], lv["d_fp32_median"]):
-            if not e:
-                gaps.append((got - best) / best)
-            excess += got - best
-            gain += med - best
-    kept = 1 - excess / gain if gain > 0 else 1.0
-    return {
-        "identical_picks": same,
-        "picks": total,
-        "identical_fraction": same / total,
-        "identical_codes_fraction": sum(whole) / len(whole),
-        "gap_rel_mean_when_different": sum(gaps) / len(gaps) if gaps else 0.0,
-        "gap_rel_max": max(gaps) if gaps else 0.0,
-        "search_gain_kept": kept,
-        "tolerance": "search_gain_kept >= 0.95",
-        "passed": kept >= 0.95,
-    }
-
-
-# -- check: training in bf16 against float32 ------------------------------------------------------
-
-
-def train_curve(
-    model: TowerModel,
-    pool: tuple[torch.Tensor, torch.Tensor, latent.Codes],
-    distance,
-    steps: int,
-    batch: int,
-    lr: float,
-    order_seed: int,
-    use_bf16: bool,
-) -> list[float]:
-    """The loss (sum over levels, batch mean) of every step of `steps` Adam steps on a fixed pool of
-    (input, code, target), the batches drawn from `order_seed`. bf16: autocast of the tower's forward,
-    the loss in float32, as `optimize_step` trains on CUDA; else true float32."""
-    dev = model.device
-    x_all, y_all, codes_all = pool
-    opt = torch.optim.Adam(param_groups(model, lr, 0.01))
-    g = torch.Generator().manual_seed(order_seed)
-    sizes = model.cfg.output_sizes(*x_all.shape[-2:])
-    with torch.no_grad(), float32(dev):
-        targets_all = level_targets(y_all.to(dev), sizes, distance)
-    curve = []
-    model.train()
-    for _ in range(steps):
-        rows = torch.randint(0, x_all.shape[0], (batch,), generator=g)
-        idx = rows.to(dev)
-        targets = [t._replace(image=t.image[idx], features=[f[idx] for f in t.features]) for t in targets_all]
-        codes = latent.index(codes_all, idx)
-        with contextlib.nullcontext() if use_bf16 else float32(dev):
-            losses = optimize_step(
-                model,
-                opt,
-                x_all[idx],
-                targets,
-                codes,
-                distance,
-                loss_scale=1 / batch,
-                amp=use_bf16,
-            )
-        curve.append(float(losses.sum(1).mean()))
-    return curve
-
-
-def windows(curve: Sequence[float], w: int) -> list[float]:
-    return [sum(curve[i : i + w]) / len(curve[i : i + w]) for i in range(0, len(curve), w)]
-
-
-def curve_gap(a: Sequence[float], b: Sequence[float], w: int) -> float:
-    """Largest relative difference of the window means of two loss curves."""
-    return max(abs(p - q) / abs(q) for p, q in zip(windows(a, w), windows(b, w)))
-
-
-def train_agreement(
-    preset: str, levels: int, crop: int, distance, device: torch.device, steps: int, batch: int = 4, lr: float = 1e-4
-) -> dict[str, Any]:
-    """float32, bf16 (same seed, same batches) and float32 with another batch order, from one init."""
-    scale = 2**levels
-    x, y, source = photo_crops(16, crop, scale, seed=1)
-    base = tower(preset, levels, device)
-    codes = base.sample_codes(16, torch.Generator(device=device).manual_seed(1), input_hw=x.shape[-2:])
-    pool = (x.to(device), y.to(device), codes)
-    init = {k: v.clone() for k, v in base.state_dict().items()}
-    t0 = time.perf_counter()
-    curves = {}
-    for name, order, half in (("fp32", 0, False), ("bf16", 0, True), ("fp32_other_order", 1, False)):
-        base.load_state_dict(init)
-        curves[name] = train_curve(base, pool, distance, steps, batch, lr, order, half)
-    w = max(1, min(20, steps // 10))
-    return {
-        "preset": preset,
-        "case": f"sr {crop // scale}->{crop}",
-        "steps": steps,
-        "batch": batch,
-        "lr": lr,
-        "window": w,
-        "data": source,
-        "seconds": time.perf_counter() - t0,
-        "curves": curves,
-        **summarize_train(curves, w),
-    }
-
-
-def summarize_train(curves: dict[str, list[float]], w: int) -> dict[str, Any]:
-    """The figures of a `train_agreement`, computed from its curves."""
-    gap = curve_gap(curves["bf16"], curves["fp32"], w)
-    tol = curve_gap(curves["fp32_other_order"], curves["fp32"], w)
-    first = abs(curves["bf16"][0] - curves["fp32"][0]) / curves["fp32"][0]
-    win = windows(curves["fp32"], w)
-    return {
-        "first_step_rel_diff": first,
-        "window_gap_max": gap,
-        "tolerance": tol,
-        "fp32_drop": 1 - win[-1] / win[0],
-        "passed": gap <= tol,
-    }
 
 
 # -- CUDA-only checks ---------------------------------------------------------------------------------
@@ -371,8 +120,8 @@ def speed_check(device: torch.device, distance, quick: bool, mm_peak: float) -> 
     """`chimle bench speed`'s cases at the small and paper presets (16x SR), on this GPU."""
     reps = 1 if quick else 3
     cases = [
-        bench_speed.Case("small", "sr", (8, 8), 3, [20, 10, 5], 35, 16, [20, 10, 5], 4, 16),
-        bench_speed.Case(
+        Case("small", "sr", (8, 8), 3, [20, 10, 5], 35, 16, [20, 10, 5], 4, 16),
+        Case(
             "paper",
             "sr",
             (32, 32),
@@ -387,9 +136,7 @@ def speed_check(device: torch.device, distance, quick: bool, mm_peak: float) -> 
     ]
     rows = []
     for case in cases:
-        rows += bench_speed.bench_case(
-            case, device, distance, reps, mm_peak, {"search", "flat", "sample", "train"}, False
-        )
+        rows += bench_case(case, device, distance, reps, mm_peak, {"search", "flat", "sample", "train"}, False)
     return rows
 
 
@@ -422,156 +169,6 @@ def tiling_check(model: TowerModel, device: torch.device, budget: str) -> dict[s
         "budget_gib": limit / GiB,
         "passed": peak <= limit and tuple(out.shape[-2:]) == (4096, 4096) and bool(torch.isfinite(out).all()),
     }
-
-
-# -- DDP: 2 ranks against 1 process -------------------------------------------------------------------
-
-DDP_STEPS, DDP_BATCH, DDP_LR = 5, 4, 1e-4
-
-
-def ddp_steps(rank: int, world: int, device: torch.device, wrap: Callable[[TowerModel], torch.nn.Module]):
-    """The steps both sides run: the same init, the same global batches, rank r taking its contiguous
-    share (as `chimle.training.dist.shard` does), the loss scaled by world / global batch as the Trainer
-    does; float32, deterministic cuDNN. Returns (model, losses of every step, global batch mean)."""
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    model = tower("small", 3, device)
-    net = wrap(model)
-    distance = LPIPS("vgg").to(device)
-    x, y, _ = photo_crops(8, 64, 8, seed=4)
-    codes = model.sample_codes(8, torch.Generator(device=device).manual_seed(4), input_hw=(8, 8))
-    opt = torch.optim.Adam(param_groups(model, DDP_LR, 0.01))
-    per, losses = DDP_BATCH // world, []
-    g = torch.Generator().manual_seed(5)
-    with float32(device):
-        for _ in range(DDP_STEPS):
-            rows = torch.randint(0, 8, (DDP_BATCH,), generator=g)[rank * per : (rank + 1) * per]
-            idx = rows.to(device)
-            l = optimize_step(
-                net,
-                opt,
-                x[rows].to(device),
-                y[rows].to(device),
-                latent.index(codes, idx),
-                distance,
-                loss_scale=world / DDP_BATCH,
-                amp=False,
-            )
-            losses.append(l.sum(1))  # this rank's rows
-    return model, losses
-
-
-def ddp_worker(out: str) -> int:
-    """One rank of the DDP check (run by `ddp_check` with torchrun's environment variables)."""
-    import torch.distributed as tdist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = os.environ["CHIMLE_DDP_BACKEND"]
-    gpus = torch.cuda.device_count()
-    device = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")  # the CPU: a smoke test
-    if gpus:
-        torch.cuda.set_device(device)
-    try:  # binding the NCCL communicator to the device (torch >= 2.3) makes a refusal show at once
-        tdist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
-    except TypeError:
-        tdist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        ids = [device.index] if gpus else None
-        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=ids)  # noqa: E731
-        model, losses = ddp_steps(rank, world, device, wrap)
-        gathered = [None] * world
-        tdist.all_gather_object(gathered, [t.cpu() for t in losses])
-        if rank == 0:
-            per_step = [torch.cat([g[s] for g in gathered]) for s in range(DDP_STEPS)]
-            torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": per_step}, out)
-    finally:
-        tdist.destroy_process_group()
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(backend: str, out: str, timeout: float) -> tuple[bool, str]:
-    """Start the 2 ranks; (finished, last lines of their output)."""
-    root = str(Path(__file__).resolve().parents[2])  # so the ranks import this chimle, installed or not
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-        "CHIMLE_DDP_BACKEND": backend,
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "chimle.apps.bench_gpu", "--ddp-worker", out]
-    with tempfile.TemporaryDirectory() as tmp:
-        logs = [Path(tmp) / f"rank{r}.log" for r in range(2)]
-        procs = []
-        for r, log in enumerate(logs):
-            with open(log, "w") as f:
-                rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
-                procs.append(subprocess.Popen(cmd, env=rank_env, stdout=f, stderr=subprocess.STDOUT))
-        deadline, failed_at = time.monotonic() + timeout, None
-        while any(q.poll() is None for q in procs) and time.monotonic() < deadline:
-            if failed_at is None and any(q.poll() not in (None, 0) for q in procs):
-                failed_at = time.monotonic()  # a rank failed: its peer may wait for it forever
-            if failed_at is not None and time.monotonic() - failed_at > 15:
-                break
-            time.sleep(0.5)
-        timed_out = [q for q in procs if q.poll() is None]
-        for q in timed_out:  # only the ranks started here
-            q.kill()
-            q.wait()
-        ok = not timed_out and all(q.returncode == 0 for q in procs)
-        lines = [line for log in logs for line in log.read_text(errors="replace").strip().splitlines()[-3:]]
-    tail = " | ".join(line.strip() for line in lines if line.strip()) + (" | (ended: timed out)" if timed_out else "")
-    return ok, tail[-600:]
-
-
-def ddp_check(device: torch.device, timeout: float) -> dict[str, Any]:
-    """2 ranks on this machine's GPU(s) against one process on the same global batches."""
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    try:
-        single, single_losses = ddp_steps(0, 1, device, lambda m: m)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-    result: dict[str, Any] = {"gpus": torch.cuda.device_count(), "steps": DDP_STEPS, "global_batch": DDP_BATCH}
-    if device.type == "cuda" and result["gpus"] > 1:
-        result["note"] = "one GPU per rank"
-    attempts = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "rank0.pt")
-        for backend in ("nccl", "gloo") if device.type == "cuda" else ("gloo",):
-            t0 = time.perf_counter()
-            ok, tail = _launch(backend, out, timeout)
-            attempts.append(
-                {"backend": backend, "ok": ok, "seconds": time.perf_counter() - t0, "log": "" if ok else tail}
-            )
-            if ok:
-                break
-        result["attempts"] = attempts
-        if not Path(out).exists():
-            result["passed"] = False
-            return result
-        multi = torch.load(out, weights_only=True)
-    result["backend"] = attempts[-1]["backend"]
-    ref = {k: v.cpu() for k, v in single.state_dict().items()}
-    diffs = torch.cat([(multi["model"][k].float() - v.float()).abs().flatten() for k, v in ref.items()])
-    loss_gap = max(float(((a - b.cpu()).abs() / b.cpu().abs()).max()) for a, b in zip(multi["losses"], single_losses))
-    result |= {
-        "loss_rel_gap_max": loss_gap,
-        "weight_abs_diff_max": float(diffs.max()),
-        "weight_abs_diff_mean": float(diffs.mean()),
-        # A wrong split of the batch (or unsynchronised gradients) moves nearly every weight by ~lr per
-        # step; summing the same gradients in another order moves a few near-zero ones (Adam magnifies
-        # their float noise). Tolerance: the same per-step losses to 1e-4, a mean weight change below
-        # 1% of one step's.
-        "tolerance": f"loss_rel_gap_max <= 1e-4 and weight_abs_diff_mean <= {0.01 * DDP_LR:g}",
-    }
-    result["passed"] = loss_gap <= 1e-4 and result["weight_abs_diff_mean"] <= 0.01 * DDP_LR
-    return result
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -635,7 +232,7 @@ def run(
     log(f"# {result['device']}, torch {torch.__version__}, {result['distance']}; checks: {', '.join(todo) or 'none'}")
     dist_net = LPIPS(distance).to(device)
     if cuda:
-        mm_peak, how = bench_speed.matmul_peak(device, quick)
+        mm_peak, how = matmul_peak(device, quick)
         result["matmul_peak_tflops"], result["matmul_peak_how"] = mm_peak / 1e12, how
     p = plan(device, quick)
     paper: TowerModel | None = None
@@ -820,38 +417,23 @@ def failed(result: dict[str, Any]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    keep_freed_host_memory()  # as `chimle bench` does (chimle.apps.cli.main), also when run as a script
-    if argv[:1] == ["--ddp-worker"]:  # one rank of the DDP check (started by ddp_check)
-        return ddp_worker(argv[1])
-    p = argparse.ArgumentParser(prog="chimle bench gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer candidates, steps and repetitions")
-    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
-    p.add_argument("--budget", type=float, default=480, help="seconds; checks not started by then are skipped")
-    p.add_argument("--memory-budget", default="4GB", help="memory for the tiled 4096 x 4096 sample (default 4GB)")
-    p.add_argument(
-        "--distance", choices=["vgg", "alex"], help="LPIPS network (default vgg; on a CPU with --quick: alex)"
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
-    add_threads_argument(p)
-    p.add_argument("--json", help="write every figure to this JSON file")
-    a = p.parse_args(argv)
+def cmd_bench_gpu(a: argparse.Namespace) -> int:
+    """`chimle bench gpu` (its options: `chimle.apps.cli`): run the checks, print their table; exit status 1
+    when a check that ran failed."""
     device = torch.device(
         "cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device
     )
     bad = sorted(set(a.only.split(",")) - set(CHECKS))
     if bad:
-        p.error(f"unknown check {bad[0]!r}: --only takes {','.join(CHECKS)}")
-    with use_threads(a.threads):
-        result = run(
-            device,
-            quick=a.quick,
-            only=a.only.split(","),
-            budget=a.budget,
-            memory_budget=a.memory_budget,
-            distance=a.distance or ("alex" if a.quick and device.type == "cpu" else "vgg"),
-        )
+        raise ValueError(f"unknown check {bad[0]!r}: --only takes {','.join(CHECKS)}")
+    result = run(
+        device,
+        quick=a.quick,
+        only=a.only.split(","),
+        budget=a.budget,
+        memory_budget=a.memory_budget,
+        distance=a.distance or ("alex" if a.quick and device.type == "cpu" else "vgg"),
+    )
     print(format_table(result))
     bad_checks = failed(result)
     print(
@@ -863,7 +445,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {a.json}")
     return 1 if bad_checks else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

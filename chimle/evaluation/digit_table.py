@@ -29,13 +29,13 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data.digits import DigitData, load_digits
 from ..data.imageio import atomic_write, pyplot, save_figure
@@ -49,8 +49,10 @@ from ..training.config import Config, load_config, resolve_model
 from ..training.trainer import train_or_reuse
 from . import metrics
 from .digits import Classifier, ambiguous, best_of_k, classifier, mode_coverage, pixel_diversity
+from .report import Block, table
+from .stats import VERDICT_Z, compare, mean_std
 
-__all__ = ["DigitSizes", "QUICK", "METRICS", "run", "units", "compare", "mean_std", "tower_config", "plot_samples"]
+__all__ = ["DigitSizes", "QUICK", "METRICS", "run", "tables", "tower_config", "plot_samples", "report_blocks"]
 
 # metric -> True where lower is better
 METRICS: dict[str, bool] = {
@@ -92,37 +94,6 @@ class DigitSizes:
 QUICK = DigitSizes(
     seeds=2, steps=20, pool=16, steps_per_round=10, batch=4, schedule=(4, 2, 2), search_batch=16, eval_inputs=24
 )
-
-
-def units(sz: DigitSizes) -> int:
-    """Towers the experiment trains and scores (one progress tick each)."""
-    ladder = 2 * min(sz.seeds, sz.ladder_seeds) if sz.ladder_task in sz.tasks else 0
-    return sz.seeds * 3 * len(sz.tasks) * len(sz.data) + ladder
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value)."""
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
-
-
-def _z(diff: float, se: float) -> float:
-    return diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
-
-
-def compare(a: list[float], b: list[float]) -> dict[str, float]:
-    """a minus b over matched seeds: the difference of the means, z (unpaired, in standard errors of the
-    difference) and paired_z (the mean of the per-seed differences over its standard error)."""
-    if len(a) != len(b):
-        raise ValueError(f"compare needs the same seeds on both sides, got {len(a)} and {len(b)}")
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    n = len(a)
-    md, sd = mean_std([x - y for x, y in zip(a, b)])
-    return {
-        "diff": ma - mb,
-        "z": _z(ma - mb, math.sqrt((sa**2 + sb**2) / n)),
-        "paired_z": _z(md, sd / math.sqrt(n)),
-    }
 
 
 def tower_config(out: Path, sz: DigitSizes, data: str, task: str, seed: int, method: str, m_flat: int) -> Config:
@@ -231,8 +202,9 @@ def _fresh(path: Path, checkpoint: Path, counts: dict) -> dict | None:
     return saved["scores"] if saved.get("counts") == counts else None
 
 
-def run(out: str | Path, sz: DigitSizes = DigitSizes(), tick: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Train and score every tower (reusing finished ones); writes OUT/result.json and the figures."""
+def run(out: str | Path, sz: DigitSizes = DigitSizes()) -> dict[str, Any]:
+    """Train and score every tower (reusing finished ones, a progress bar over them); writes
+    OUT/result.json and the figures."""
     out = Path(out)
     t0 = time.time()
     rows: list[dict[str, Any]] = []
@@ -271,27 +243,29 @@ def run(out: str | Path, sz: DigitSizes = DigitSizes(), tick: Callable[[], None]
     towers: dict[tuple[str, str, str], TowerModel] = {}
     # Method by method, in the order of what the report needs most (Table 1 at equal compute first): an
     # interrupted run has whole comparisons to show, and a rerun goes on where it stopped.
-    for method in ("chimle", "cimle_compute", "cimle_samples", "no_ic", "no_ic_pe"):
-        for (name, task_name), (scorer, folder, m_flat, methods) in setups.items():
-            if method not in methods:
-                continue
-            for seed in range(min(sz.seeds, sz.ladder_seeds) if method.startswith("no_") else sz.seeds):
-                cfg = tower_config(folder / f"{method}_s{seed}", sz, name, task_name, seed, method, m_flat)
-                trainer = train_or_reuse(cfg, quiet=True)
-                path = trainer.out / "digit_eval.json"
-                scores = _fresh(path, trainer.checkpoint_path, scorer.counts())
-                if scores is None:
-                    scores = scorer.score(trainer.model, seed)
-                    record = json.dumps({"counts": scorer.counts(), "scores": scores}, indent=1).encode()
-                    atomic_write(path, lambda f, r=record: f.write(r))
-                rows.append(
-                    {"data": name, "task": task_name, "method": method, "seed": seed, **scores}
-                    | {"final_loss": trainer.last.get("loss", float("nan"))}
-                )
-                if seed == 0 and method in ("chimle", "cimle_compute"):
-                    towers[name, task_name, method] = trainer.model
-                if tick is not None:
-                    tick()
+    jobs = [
+        (method, name, task_name, seed)
+        for method in ("chimle", "cimle_compute", "cimle_samples", "no_ic", "no_ic_pe")
+        for (name, task_name), (*_, methods) in setups.items()
+        if method in methods
+        for seed in range(min(sz.seeds, sz.ladder_seeds) if method.startswith("no_") else sz.seeds)
+    ]
+    for method, name, task_name, seed in tqdm(jobs, desc="digit towers", unit="tower", dynamic_ncols=True):
+        scorer, folder, m_flat, _ = setups[name, task_name]
+        cfg = tower_config(folder / f"{method}_s{seed}", sz, name, task_name, seed, method, m_flat)
+        trainer = train_or_reuse(cfg, quiet=True)
+        path = trainer.out / "digit_eval.json"
+        scores = _fresh(path, trainer.checkpoint_path, scorer.counts())
+        if scores is None:
+            scores = scorer.score(trainer.model, seed)
+            record = json.dumps({"counts": scorer.counts(), "scores": scores}, indent=1).encode()
+            atomic_write(path, lambda f, r=record: f.write(r))
+        rows.append(
+            {"data": name, "task": task_name, "method": method, "seed": seed, **scores}
+            | {"final_loss": trainer.last.get("loss", float("nan"))}
+        )
+        if seed == 0 and method in ("chimle", "cimle_compute"):
+            towers[name, task_name, method] = trainer.model
     for (name, task_name), (scorer, *_) in setups.items():
         fig = out / f"samples_{_slug(name)}_{task_name}.png"
         plot_samples(fig, scorer, towers[name, task_name, "chimle"], towers[name, task_name, "cimle_compute"])
@@ -328,13 +302,15 @@ def tables(rows: list[dict[str, Any]], sz: DigitSizes) -> dict[str, list[dict[st
     out: dict[str, list[dict[str, Any]]] = {"summary": summary, "equal_compute": [], "equal_samples": [], "ladder": []}
     for data, task in dict.fromkeys((d, t) for d, t, _ in groups):
         a = sorted(groups[data, task, "chimle"], key=lambda r: r["seed"])
-        for table, other in (("equal_compute", "cimle_compute"), ("equal_samples", "cimle_samples")):
+        for kind, other in (("equal_compute", "cimle_compute"), ("equal_samples", "cimle_samples")):
             b = sorted(groups[data, task, other], key=lambda r: r["seed"])
             for key, lower in METRICS.items():
                 c = compare([r[key] for r in a], [r[key] for r in b])
                 (ma, sa), (mb, sb) = mean_std([r[key] for r in a]), mean_std([r[key] for r in b])
-                better = "within noise" if abs(c["z"]) <= 2 else "CHIMLE" if (c["diff"] < 0) == lower else "cIMLE"
-                out[table].append(
+                better = (
+                    "within noise" if abs(c["z"]) <= VERDICT_Z else "CHIMLE" if (c["diff"] < 0) == lower else "cIMLE"
+                )
+                out[kind].append(
                     {"data": data, "task": task, "metric": key, "chimle": ma, "chimle_std": sa, "cimle": mb}
                     | {"cimle_std": sb, **c, "better": better}
                 )
@@ -380,3 +356,90 @@ def plot_samples(path: Path, scorer: _Scorer, chimle: TowerModel, cimle: TowerMo
         s.set_visible(False)
     ax.set_title(f"{scorer.task.name}: ambiguous test inputs (classes the classifier hesitates between)", fontsize=8)
     return save_figure(fig, path, dpi=130, bbox_inches="tight")
+
+
+# The report's section
+
+_DIGIT_METRICS = {
+    "fid": "FID (classifier features)",
+    "kid": "KID (classifier features)",
+    "best_of_k": "pixel MSE, best of K",
+    "diversity": "pixel L2 between samples",
+    "coverage": "mode coverage",
+    "class_match": "samples of the digit's class",
+    "input_mse": "MSE to the input, observed",
+}
+
+
+def _pm(row: dict, key: str) -> str:
+    return f"{row[key]:.4g} +- {row[f'{key}_std']:.2g}"
+
+
+def _verdicts(rows: list[dict]) -> str:
+    """How many comparisons favour each side beyond |z| = 2, in words."""
+    n = len(rows)
+    win = {k: [f"{r['task']} {r['metric']}" for r in rows if r["better"] == k] for k in ("CHIMLE", "cIMLE")}
+    text = f"of {n} comparisons, {len(win['CHIMLE'])} favour CHIMLE beyond |z| = {VERDICT_Z:g}"
+    text += f" ({', '.join(win['CHIMLE'])})" if win["CHIMLE"] else ""
+    text += f", {len(win['cIMLE'])} favour cIMLE" + (f" ({', '.join(win['cIMLE'])})" if win["cIMLE"] else "")
+    return text + f", {n - len(win['CHIMLE']) - len(win['cIMLE'])} are within noise"
+
+
+def report_blocks(r: dict[str, Any]) -> list[Block]:
+    """The report's section on `run`'s result `r`: setup, both normalisations of Table 1, the ladder and the
+    sample figures (paths as in r["figures"]); every number in its prose is read from `r`."""
+    sz, info = r["sizes"], r["info"]
+    setup = "; ".join(
+        f"{i['task']} on {i['data']} ({i['train_digits']:,} train / {i['test_digits']:,} test digits from "
+        f"{i['source']}, {i['split']}): CHIMLE's schedule costs {i['chimle_cost']:.2f} full-forward equivalents, "
+        f"so cIMLE draws {i['m_compute']} whole codes at equal compute and {i['m_samples']} at equal samples; "
+        f"{i['ambiguous_found']} ambiguous test inputs, {i['ambiguous_used']} used"
+        for i in info
+    )
+    accuracy = ", ".join(dict.fromkeys(f"{i['data']} {100 * i['classifier_accuracy']:.1f}%" for i in info))
+    b: list[Block] = [
+        ("h2", "Digits: where the search pays"),
+        (
+            "p",
+            f"The `chimle mnist` tower (preset {sz['preset']}: 3 levels at 7, 14 and 28 px), pixel L2 in the search "
+            f"and the loss, trained {sz['steps']} steps (pool {sz['pool']}, {sz['steps_per_round']} steps a round, "
+            f"batch {sz['batch']}) with CHIMLE's m = {','.join(map(str, sz['schedule']))} or flat cIMLE; the same "
+            f"seed gives every method the same initial weights, pools and batches; {sz['seeds']} seeds. {setup}.",
+        ),
+        (
+            "p",
+            f"Scores on {sz['eval_inputs']} test digits x {sz['samples']} samples (K): FID and KID on the "
+            f"penultimate features of a classifier trained on the training digits (test accuracy: {accuracy}); "
+            "the pixel MSE of the best of K samples; pixel diversity (mean L2 between two samples of one input); "
+            f"mode coverage: on test inputs whose two likeliest classes both get p >= 0.2 from the classifier, "
+            f"the fraction of those two classes found among K samples; class_match: samples classified as their "
+            "digit; input_mse: how far a sample, degraded again, is from its input.",
+        ),
+        ("table", table(r["summary"], ["data", "task", "method", "seeds", *_DIGIT_METRICS])),
+    ]
+    keys = ["data", "task", "metric", "chimle", "chimle_std", "cimle", "cimle_std", "diff", "z", "paired_z", "better"]
+    for name, what in (("equal_compute", "equal compute"), ("equal_samples", "equal samples")):
+        b += [
+            (
+                "p",
+                f"CHIMLE minus cIMLE at {what} (negative: lower for CHIMLE); z over the seeds' spread as in Table 1, "
+                f"paired_z over the per-seed differences (matched seeds); {_verdicts(r[name])}.",
+            ),
+            ("table", table(r[name], keys)),
+        ]
+    if r["ladder"]:
+        lad = r["ladder"]
+        rows = [{"rung": x["rung"], **{k: _pm(x, k) for k in _DIGIT_METRICS}} for x in lad]
+        zs = ", ".join(f"{x['rung']} {x['best_of_k_z']:+.2f}" for x in lad[1:])
+        b += [
+            (
+                "p",
+                f"CHIMLE Fig. 7's ladder on {lad[0]['task']} ({lad[0]['data']}), mean +- spread over "
+                f"{lad[0]['seeds']} seeds; no_ic_pe_cd is the equal-samples cIMLE tower (the same search). Best-of-K "
+                f"MSE against full, in z: {zs}.",
+            ),
+            ("table", table(rows, ["rung", *_DIGIT_METRICS])),
+        ]
+    b.append(("p", "CHIMLE (left) and cIMLE at equal compute (right), seed 0, on ambiguous test inputs:"))
+    b += [("img", f) for f in r["figures"]]
+    return b

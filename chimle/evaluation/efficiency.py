@@ -1,15 +1,18 @@
 """Sample efficiency of the latent search (CHIMLE Fig. 2, TIM Fig. 3) and per-level diagnostics.
 
-chimle bench efficiency CHECKPOINT --data HELD_OUT_DIR --out eff/    # `sample_efficiency` + its plot
+chimle bench efficiency CHECKPOINT --data HELD_OUT_DIR --out eff/    # `run_efficiency`
 
-curve = sample_efficiency(model, x, y, chimle.LPIPS("vgg"), seeds=10)
+curve = sample_efficiency(model, x, y, chimle.LPIPS("vgg"), EfficiencyOptions(seeds=10))
 rows = level_diagnostics(model, x, y, chimle.LPIPS("vgg"))
+result = run_efficiency("runs/sr8/checkpoints/last.pt", "held_out/", "eff/")   # both, on held-out crops
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +22,39 @@ from torch import Tensor
 
 from .. import latent
 from ..data.imageio import pyplot, save_figure
+from ..data.tasks import make_task
+from ..distances.lpips import LPIPS
+from ..inference.weights import load_with_task
 from ..loss import Distance, ToRGB
 from ..model import TowerModel
 from ..rng import seeded
 from ..search import Scorer, SearchOptions, hierarchical, level_costs, search_cost
+from .evaluate import write_markdown_table
+from .held_out import held_out_crops
 
-__all__ = ["sample_efficiency", "level_diagnostics", "plot_efficiency", "BUDGETS"]
+__all__ = [
+    "EfficiencyOptions",
+    "sample_efficiency",
+    "level_diagnostics",
+    "plot_efficiency",
+    "run_efficiency",
+    "BUDGETS",
+]
 
 BUDGETS = (1, 2, 4, 8, 16, 32)  # CHIMLE candidates per level on the efficiency curve
+
+
+@dataclass(frozen=True)
+class EfficiencyOptions:
+    """What the efficiency curve measures (`sample_efficiency`): `seeds` seeds from `seed`, CHIMLE with m
+    candidates at every level for each m in `budgets` and with each non-uniform schedule, cIMLE with up
+    to `flat_max` whole codes per image (None: 16 * L * max(budgets))."""
+
+    seeds: int = 10
+    budgets: Sequence[int] = BUDGETS
+    flat_max: int | None = None
+    schedules: Sequence[Sequence[int]] = ()
+    seed: int = 0
 
 
 def sample_efficiency(
@@ -34,14 +62,10 @@ def sample_efficiency(
     x: Tensor,
     y: Tensor,
     distance: Distance,
-    seeds: int = 10,
+    options: EfficiencyOptions = EfficiencyOptions(),
     to_rgb: ToRGB | None = None,
-    budgets: Sequence[int] = BUDGETS,
-    flat_max: int | None = None,
-    seed: int = 0,
     memory_budget: int | str | None = None,
     chunk_bytes: int = 256 * 2**20,
-    schedules: Sequence[Sequence[int]] = (),
 ) -> dict[str, Any]:
     """How many generated samples flat cIMLE needs to get as close to the observed images as
     hierarchical CHIMLE gets with m candidates per level (CHIMLE Fig. 2, TIM Fig. 3), counted two ways.
@@ -64,13 +88,15 @@ def sample_efficiency(
     schedules: non-uniform candidate counts (m_1, ..., m_L), e.g. the paper's shape (200, 200, 20, 10);
         each runs `search.hierarchical` once per seed and adds a row (per_level_m "200,200,20,10").
 
+    budgets, seeds, flat_max, schedules and seed are the fields of `options` (`EfficiencyOptions`).
     x, y: held-out inputs and observed images in [0, 1]; distance as in the search (LPIPS-vgg in the
     papers); to_rgb for colourisation. Deterministic for fixed `seed`.
     Returns {"rows": [{per_level_m, chimle_samples, chimle_compute, lpips_threshold, threshold_std,
     cimle_samples, ratio_samples, ratio_compute}], "cimle_curve": D(1..flat_max), "level_costs", and the
     counts used}; threshold_std is the spread of t over seeds.
     """
-    budgets = sorted({int(m) for m in budgets})
+    seeds, flat_max, seed, schedules = options.seeds, options.flat_max, options.seed, options.schedules
+    budgets = sorted({int(m) for m in options.budgets})
     if not budgets or budgets[0] < 1:
         raise ValueError(f"budgets must be positive candidate counts, got {budgets}")
     if seeds < 1:
@@ -244,3 +270,35 @@ def plot_efficiency(result: dict[str, Any], path: str | os.PathLike) -> Path:
     fig.suptitle(f"Sample efficiency ({result['images']} images, {result['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def run_efficiency(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    options: EfficiencyOptions = EfficiencyOptions(),
+    *,
+    images: int = 8,
+    crop: int | None = None,
+    device: str = "cpu",
+    distance: str = "vgg",
+) -> dict[str, Any]:
+    """`sample_efficiency` and `level_diagnostics` of a checkpoint on `images` held-out crops of the photos
+    in `data` (side `crop`, default the model's training size), with LPIPS-`distance`. Writes
+    OUT/efficiency.json (the result, its "level_diagnostics" included), efficiency.png, efficiency.md and
+    levels.md; returns the result."""
+    model, task_cfg = load_with_task(checkpoint, device)
+    task = make_task(**task_cfg)
+    crop = crop or model.cfg.input_size * task.scale
+    x, y = held_out_crops(task, data, crop, model.cfg.levels, max(1, images // 2))
+    x, y = x[:images].to(device), y[:images].to(device)
+    lpips = LPIPS(distance).to(device)
+    result = sample_efficiency(model, x, y, lpips, options, to_rgb=task.rgb)
+    result["level_diagnostics"] = level_diagnostics(model, x, y, lpips, to_rgb=task.rgb)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "efficiency.json").write_text(json.dumps(result, indent=2, default=float))
+    plot_efficiency(result, out_dir / "efficiency.png")
+    write_markdown_table(result["rows"], out_dir / "efficiency.md")
+    write_markdown_table(result["level_diagnostics"], out_dir / "levels.md")
+    return result

@@ -37,6 +37,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from ..rng import Stream, seeded
 from . import metrics
 from .inception import features
 
-__all__ = ["evaluate", "write_markdown_table", "FWV_SIGMAS"]
+__all__ = ["evaluate", "EvalOptions", "write_markdown_table", "FWV_SIGMAS"]
 
 FWV_SIGMAS = (0.3, 0.2, 0.15)  # the bandwidths the cIMLE and CHIMLE papers report
 
@@ -95,6 +96,23 @@ def _recorded(fn: Callable[[], Any], notes: list[str]) -> Any:
     return out
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """The slower parts of `evaluate` and its figure.
+
+    ivo_runs / ivo_steps / ivo_images: IvO is the slow one (runs * steps forward and backward passes per
+        image): ivo_runs=0 turns it off, ivo_images limits it to the first inputs (None: all).
+    prd_clusters: k-means clusters of PRD; batch_size: inputs sampled at once; grid_inputs: rows of samples.png.
+    """
+
+    ivo_runs: int = 5
+    ivo_steps: int = 200
+    ivo_images: int | None = None
+    prd_clusters: int = 20
+    batch_size: int = 8
+    grid_inputs: int = 8
+
+
 def evaluate(
     model: TowerModel,
     task: Task,
@@ -104,27 +122,23 @@ def evaluate(
     crop: int | None = None,
     seed: int = 0,
     max_images: int | None = None,
-    *,
-    ivo_runs: int = 5,
-    ivo_steps: int = 200,
-    ivo_images: int | None = None,
-    prd_clusters: int = 20,
-    batch_size: int = 8,
-    grid_inputs: int = 8,
+    options: EvalOptions = EvalOptions(),
 ) -> dict[str, Any]:
     """All metrics of the papers on the held-out photos in `data`; writes them to `out_dir`.
 
     data: a folder of held-out photos (centre crops of side `crop`, default the model's training
         size `model.cfg.input_size * task.scale`), or an ImageDataset with train=False.
     num_samples: K samples per input; the fake set of FID/KID/PRD is all K * N of them.
-    ivo_runs / ivo_steps / ivo_images: IvO is the slow one (runs * steps forward and backward passes
-        per image): ivo_runs=0 turns it off, ivo_images limits it to the first inputs.
+    options: IvO's runs and steps (ivo_runs=0 turns it off), PRD's clusters, the batch and the grid
+        (`EvalOptions`).
     Writes out_dir/metrics.json (every value, the counts used and the warnings), metrics.md, prd.png
     and samples.png (input | samples | target, at most `grid_inputs` rows). Returns the JSON's dict.
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (diversity needs two samples per input), got {num_samples}")
     t0 = time.time()
+    o = options
+    batch_size = o.batch_size
     device = model.device
     crop = crop or model.cfg.input_size * task.scale
     x, y, names = _held_out(task, data, crop, model.cfg.levels, max_images)
@@ -181,25 +195,25 @@ def evaluate(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    precision, recall = _recorded(lambda: metrics.prd_curve(fr, ff, num_clusters=prd_clusters, seed=seed), notes)
+    precision, recall = _recorded(lambda: metrics.prd_curve(fr, ff, num_clusters=o.prd_clusters, seed=seed), notes)
     r["prd_f8"], r["prd_f1_8"] = metrics.prd_f_beta(precision, recall)
     metrics.plot_prd({task.name: (precision, recall)}, out / "prd.png")
 
-    if ivo_runs > 0 and ivo_steps > 0:
-        k = n if ivo_images is None else max(1, min(n, ivo_images))
+    if o.ivo_runs > 0 and o.ivo_steps > 0:
+        k = n if o.ivo_images is None else max(1, min(n, o.ivo_images))
         mean, std = metrics.ivo(
             model,
             x[:k],
             y[:k],
-            runs=ivo_runs,
-            steps=ivo_steps,
+            runs=o.ivo_runs,
+            steps=o.ivo_steps,
             generator=seeded(seed, Stream.IVO, device=device),
             to_rgb=task.rgb,
             batch_size=batch_size,
         )
-        r.update(ivo_mean=mean * 1e3, ivo_std=std * 1e3, ivo_images=k, ivo_runs=ivo_runs, ivo_steps=ivo_steps)
+        r.update(ivo_mean=mean * 1e3, ivo_std=std * 1e3, ivo_images=k, ivo_runs=o.ivo_runs, ivo_steps=o.ivo_steps)
 
-    rows = min(n, grid_inputs)
+    rows = min(n, o.grid_inputs)
     save_grid(out / "samples.png", x[:rows], samples[:8, :rows], y[:rows], task=task)
     r["units"] = {
         "ivo_mean": "MSE x 1e3 (the papers' 10^-3 scale)",
