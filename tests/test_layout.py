@@ -107,9 +107,11 @@ def test_apps_are_imported_only_by_apps_and_main():
 
 
 def app_of(module: str) -> str | None:
-    """The application a module belongs to: its module or subpackage right under chimle.apps (None: not an app)."""
+    """The application a module belongs to (None: not an app): its module or subpackage right under
+    chimle.apps, up to the first underscore, so that one app may be several modules named after it
+    (explore_server, explore_page, explore_jobs are the explorer; bench_speed, bench_gpu the benchmarks)."""
     parts = module.split(".")
-    return parts[2] if len(parts) > 2 and parts[1] == "apps" else None
+    return parts[2].split("_")[0] if len(parts) > 2 and parts[1] == "apps" else None
 
 
 def test_no_app_imports_another_app():
@@ -146,6 +148,8 @@ def test_the_checker_finds_a_cycle_a_floor_violation_and_an_app_importing_an_app
     (pkg / "apps" / "cli.py").write_text("from . import report\n")  # the dispatcher may
     (pkg / "apps" / "report.py").write_text("from .bench import run\nfrom ..model import X\n")
     (pkg / "apps" / "bench.py").write_text("from ..data import tasks\n")
+    (pkg / "apps" / "explore_server.py").write_text("from .explore_jobs import Job\n")  # one app's own modules
+    (pkg / "apps" / "explore_jobs.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
     g = graph()
     assert "chimle.data.tasks" in g["chimle.model"] and "chimle.model" in g["chimle.data.tasks"]
@@ -164,7 +168,32 @@ def test_the_checker_finds_a_cycle_a_floor_violation_and_an_app_importing_an_app
     try:
         test_no_app_imports_another_app()
     except AssertionError as e:
-        # only that one: the dispatcher (cli.py) may import apps
+        # only that one: the dispatcher (cli.py) may import apps, and an app its own explore_* modules
         assert str(e).splitlines()[0] == "an app imports another app: chimle.apps.report -> chimle.apps.bench"
     else:
         raise AssertionError("the app importing an app was not caught")
+
+
+def _parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = fn.args
+    names = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+    n = len(names) + (a.vararg is not None) + (a.kwarg is not None)
+    return n - (bool(names) and names[0].arg in ("self", "cls"))
+
+
+def test_modules_and_functions_stay_readable():
+    """No module over 600 lines, no function over 10 parameters (options go in dataclasses), and the IMLE
+    loop (`Trainer._run`: rounds of search, then training) short enough to read at once."""
+    lines = {p: len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
+    long_modules = [f"{p.relative_to(ROOT.parent)}: {n}" for p, n in lines.items() if n > 600]
+    assert not long_modules, long_modules
+    wide, loop = [], None
+    for p in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if _parameters(node) > 10:
+                    wide.append(f"{p.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({_parameters(node)})")
+                if p.name == "trainer.py" and node.name == "_run":
+                    loop = node.end_lineno - node.lineno + 1
+    assert not wide, wide
+    assert loop is not None and loop <= 120, loop
