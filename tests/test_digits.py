@@ -1,4 +1,4 @@
-"""Digits where the search pays (chimle.data.digits, the digit tasks, chimle.evaluation.digits and digit_table,
+"""Digits where the search pays (chimle.data.digits, the digit tasks, chimle.evaluation.digit_metrics and digit_table,
 `chimle reproduce --parts digits`): splits, inputs, the classifier, the metrics' arithmetic, and the part at
 tiny size with every number it writes recomputed from its per-seed rows."""
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from chimle.data import digits
 from chimle.data.tasks import make_task
+from chimle.evaluation import digit_metrics as dm
 from chimle.evaluation import digit_table, stats
-from chimle.evaluation import digits as dm
 from chimle.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: a second thread only adds waiting

@@ -12,7 +12,7 @@ Per dataset and digit task (`digit_sr`, `digit_complete`; `chimle.data.tasks`) a
                  also the ladder's last rung, "no IC, PE, CD", which trains the very same tower;
   no_ic, no_ic_pe  the ladder's middle rungs (on `ladder_task` of the first dataset only).
 Distance: pixel L2 (search and loss), meaningful at every level (7, 14, 28 px). Each tower is scored on
-the test digits by `chimle.evaluation.digits` (classifier-feature FID and KID, best-of-K pixel MSE, pixel
+the test digits by `chimle.evaluation.digit_metrics` (classifier-feature FID and KID, best-of-K pixel MSE, pixel
 diversity, mode coverage of ambiguous inputs, the class of the samples, and how well the samples explain
 their input). CHIMLE minus cIMLE comes with z, the difference of the means over seeds in standard errors
 (sqrt(s_a^2 / n + s_b^2 / n), as `chimle reproduce`'s Table 1), and paired_z, the mean per-seed difference
@@ -48,7 +48,7 @@ from ..search import level_costs, search_cost
 from ..training.config import Config, load_config, resolve_model
 from ..training.trainer import train_or_reuse
 from . import metrics
-from .digits import Classifier, ambiguous, best_of_k, classifier, mode_coverage, pixel_diversity
+from .digit_metrics import Classifier, ambiguous, best_of_k, classifier, mode_coverage, pixel_diversity
 from .report import Block, table
 from .stats import VERDICT_Z, compare, mean_std
 
