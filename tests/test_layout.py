@@ -197,3 +197,10 @@ def test_modules_and_functions_stay_readable():
                     loop = node.end_lineno - node.lineno + 1
     assert not wide, wide
     assert loop is not None and loop <= 120, loop
+
+
+def test_one_module_per_name():
+    """Two modules of one name (a data `digits` and an evaluation `digits`) leave a reader guessing which an
+    import means."""
+    stems = sorted(p.stem for p in ROOT.rglob("*.py") if p.stem != "__init__")
+    assert not {s for s in stems if stems.count(s) > 1}
