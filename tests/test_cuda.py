@@ -12,6 +12,7 @@ from chimle.apps import bench_gpu
 from chimle.apps.cli import main
 from chimle.data.imageio import read_csv_columns
 from chimle.distances import make_distance
+from chimle.evaluation import precision
 from chimle.model import TowerConfig, TowerModel
 from chimle.training.pool import Pool
 from chimle.training.step import optimize_step
@@ -49,13 +50,13 @@ def test_bench_gpu_cpu_parts_report_checkable_numbers(tmp_path, capsys, one_thre
             assert 1e-5 < lv["bf16_rel_err_mean"] <= lv["bf16_rel_err_max"] < 0.05
         # on a CPU the search itself runs in float32: it picks what the reference picks at level 1
         assert s["production_level1_same"] == s["inputs"]
-        assert {k: s[k] for k in bench_gpu.summarize_search(levels)} == bench_gpu.summarize_search(levels)
+        assert {k: s[k] for k in precision.summarize_search(levels)} == precision.summarize_search(levels)
     t = r["checks"]["train"]
     curves = t["curves"]
     assert [len(c) for c in curves.values()] == [t["steps"]] * 3
     assert curves["fp32"] != curves["fp32_other_order"]  # another batch order: another curve
     assert 1e-6 < t["first_step_rel_diff"] < 0.05  # same weights and batch: only the precision differs
-    assert {k: t[k] for k in bench_gpu.summarize_train(curves, t["window"])} == bench_gpu.summarize_train(
+    assert {k: t[k] for k in precision.summarize_train(curves, t["window"])} == precision.summarize_train(
         curves, t["window"]
     )
     assert t["passed"] == (t["window_gap_max"] <= t["tolerance"])
@@ -73,7 +74,7 @@ def test_search_summary_arithmetic():
         {"picks_fp32": [1, 1], "picks_bf16": [1, 1], "d_fp32_at_fp32_pick": [1.0, 1.0]}
         | {"d_fp32_at_bf16_pick": [1.0, 1.0], "d_fp32_median": [1.0, 1.4]},
     ]
-    s = bench_gpu.summarize_search(levels)
+    s = precision.summarize_search(levels)
     assert (s["identical_picks"], s["picks"], s["identical_fraction"]) == (3, 4, 0.75)
     assert s["identical_codes_fraction"] == 0.5
     assert s["gap_rel_mean_when_different"] == pytest.approx(0.1) == s["gap_rel_max"]
@@ -82,12 +83,12 @@ def test_search_summary_arithmetic():
 
 def test_train_summary_arithmetic():
     fp32 = [1.0, 0.9, 0.8, 0.7]  # windows of 2: 0.95, 0.75
-    ok = bench_gpu.summarize_train({"fp32": fp32, "bf16": [1.001, 0.9, 0.81, 0.7], "fp32_other_order": [1.1] * 4}, 2)
+    ok = precision.summarize_train({"fp32": fp32, "bf16": [1.001, 0.9, 0.81, 0.7], "fp32_other_order": [1.1] * 4}, 2)
     assert ok["first_step_rel_diff"] == pytest.approx(1e-3)
     assert ok["window_gap_max"] == pytest.approx(0.005 / 0.75)  # windows 0.9505, 0.755
     assert ok["tolerance"] == pytest.approx(0.35 / 0.75) and ok["passed"]
     assert ok["fp32_drop"] == pytest.approx(1 - 0.75 / 0.95)
-    drift = bench_gpu.summarize_train({"fp32": fp32, "bf16": [1.0, 0.9, 1.2, 1.3], "fp32_other_order": fp32[::-1]}, 2)
+    drift = precision.summarize_train({"fp32": fp32, "bf16": [1.0, 0.9, 1.2, 1.3], "fp32_other_order": fp32[::-1]}, 2)
     assert drift["window_gap_max"] == pytest.approx(0.5 / 0.75) and drift["tolerance"] == pytest.approx(0.2 / 0.75)
     assert not drift["passed"]
 
@@ -109,7 +110,7 @@ def test_cuda_fast_step_matches_plain_step(amp):
     pool = Pool(0, x, y, codes, torch.zeros(5), torch.zeros(5, 3, dtype=torch.long))
     rows = [3, 0, 4]
     xb, yb, cb = pool.batch(rows, dev)
-    with bench_gpu.float32(dev) if not amp else contextlib.nullcontext():  # float32: TF32 off, a tight check
+    with precision.float32(dev) if not amp else contextlib.nullcontext():  # float32: TF32 off, a tight check
         ref = optimize_step(plain, torch.optim.SGD(plain.parameters(), lr=0.0), xb, yb, cb, d, amp=amp)
         got = optimize_step(
             model,

@@ -52,8 +52,6 @@ from ..evaluation.precision import (
     float32,
     photo_crops,
     search_agreement,
-    summarize_search,
-    summarize_train,
     tower,
     train_agreement,
 )
@@ -66,8 +64,6 @@ from ..model import TowerModel
 from ..training.step import optimize_step, param_groups
 
 __all__ = ["cmd_bench_gpu", "run", "CHECKS", "format_table", "failed"]
-# the checks' own functions live in chimle.evaluation.precision, .speed and .ddp_check; these names are kept here
-__all__ += ["float32", "search_agreement", "summarize_search", "summarize_train", "train_agreement"]
 
 CHECKS = ("search", "train", "memory", "speed", "ddp", "tiling")
 CPU_CHECKS = ("search", "train")  # what runs without CUDA (bf16 autocast on the CPU)
