@@ -60,8 +60,7 @@ _ALIASES = {"alex": "alex", "alexnet": "alex", "vgg": "vgg", "vgg16": "vgg"}
 class _MaxPool(nn.MaxPool2d):
     """nn.MaxPool2d(k, stride) without padding, computed outside autograd on CPU NCHW tensors as maxima
     of strided views, rows then columns: the same values, where ATen's CPU kernel for NCHW is several
-    times slower (VGG's 2 x 2 on 4 x 64 x 64 x 64, one thread: 5.5 -> 0.5 ms), a sixth of an
-    LPIPS-alex forward and 5-10% of an LPIPS-vgg one in the search. With autograd, channels-last or on
+    times slower (docs/measurements.md, "Moved from docstrings"). With autograd, channels-last or on
     CUDA it is the library's kernel (its gradient needs the argmax indices, and finding them takes
     most of what the strided maxima save; channels-last and CUDA kernels are fast already)."""
 

@@ -93,8 +93,8 @@ class _Sampler(nn.Module):
 
 def _plain(model: TowerModel) -> TowerModel:
     """A copy in eval mode whose weight-normalised convs hold their weights g * v / ||v|| as plain tensors:
-    computed once here rather than stored as g and v for the graph to combine (sr8-small: 7.26 MB against
-    7.70 MB, the same outputs)."""
+    computed once here rather than stored as g and v for the graph to combine (a smaller file, the same
+    outputs)."""
     from torch.nn.utils import parametrize
 
     plain = TowerModel(model.cfg)  # not a deepcopy: a copy of a parametrized module shares its parametrizations
