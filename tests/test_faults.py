@@ -345,15 +345,19 @@ def _two_ranks(args: list[str]) -> list[subprocess.Popen]:
     return [spawn(args, **env, RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
 
 
-def test_sigterm_saves_then_stops_the_process_with_code_130(photo_dir, tmp_path):
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_saves_then_stops_the_process_with_code_130(photo_dir, tmp_path, signals):
     """SIGTERM (a scheduler's pre-emption, `kill`) or Ctrl-C: the finished steps are saved, then the
     process ends with 130 and one line naming the checkpoint, never the success message (a caller such
-    as `chimle reproduce` must not go on to its next tower)."""
+    as `chimle reproduce` must not go on to its next tower). A second SIGTERM (a wrapper such as `timeout`
+    or `srun` forwarding the one the process also got) must not cut the save short."""
     out = tmp_path / "run"
     p = spawn(train_args(photo_dir, out, 100000))
     try:
         wait_for(lambda: ckpt(out).exists(), [p])
-        p.send_signal(signal.SIGTERM)
+        for _ in range(signals):
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
         stdout, err = p.communicate(timeout=50)
     finally:
         p.kill()

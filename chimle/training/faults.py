@@ -354,7 +354,10 @@ class StopFlag:
         self.requested = False
 
     def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
+        # A second Ctrl-C stops at once; a second SIGTERM is usually the same request delivered twice (a
+        # wrapper such as `timeout` or `srun` forwarding the signal the process also got) and must not cut
+        # the checkpoint's write short: a scheduler that means it follows with SIGKILL.
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
