@@ -4,7 +4,9 @@ The code z of a Tower Implicit Model with L levels is split into L components z_
 from the coarsest level to the finest. Component z_l feeds level l only:
 
     z_l = (style_l, noise_l)
-      style_l : (N, code_dim)                  global code, drives the mapping network (global stream)
+      style_l : (N, code_dim)                  global code, drives the mapping network (global stream);
+                (N, code_dim, G, G) with `TowerConfig.style_grid` G > 1: a G x G grid of style vectors
+                spread over the image, so the style can differ by region
       noise_l : (N, noise_channels, h_l, w_l)  spatial noise at level l's input resolution (local stream)
 
 A batch of codes is a plain ``list[Component]`` (one entry per level, possibly fewer than L for a
@@ -49,7 +51,7 @@ __all__ = [
 class Component(NamedTuple):
     """The latent component z_l of one level for a batch."""
 
-    style: Tensor  # (N, code_dim)
+    style: Tensor  # (N, code_dim), or (N, code_dim, G, G) for a style grid G > 1
     noise: Tensor  # (N, noise_channels, h_l, w_l)
 
 
@@ -63,9 +65,23 @@ class LatentLayout:
     code_dim: int
     noise_channels: int
     sizes: tuple[tuple[int, int], ...]  # (h_l, w_l) per level, coarsest first
+    style_grid: int = 1  # G: each level's style is one vector (G = 1) or a G x G grid of them
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(tuple(s) for s in self.sizes))
+        if self.style_grid < 1:
+            raise ValueError(f"style_grid must be >= 1, got {self.style_grid}")
+
+    @property
+    def style_shape(self) -> tuple[int, ...]:
+        """The shape of one style, without the batch: (code_dim,) or (code_dim, G, G)."""
+        g = self.style_grid
+        return (self.code_dim,) if g == 1 else (self.code_dim, g, g)
+
+    @property
+    def style_dim(self) -> int:
+        """The number of dimensions of one level's style: code_dim * G * G."""
+        return self.code_dim * self.style_grid**2
 
     @property
     def levels(self) -> int:
@@ -73,7 +89,7 @@ class LatentLayout:
 
     def dims(self) -> list[int]:
         """k_l, the number of dimensions of each component (sum = n, the size of z)."""
-        return [self.code_dim + self.noise_channels * h * w for h, w in self.sizes]
+        return [self.style_dim + self.noise_channels * h * w for h, w in self.sizes]
 
     def sample_level(
         self, level: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
@@ -83,7 +99,7 @@ class LatentLayout:
         same seed gives the same code whatever device the model is on."""
         h, w = self.sizes[level - 1]
         at = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
-        style = torch.randn(n, self.code_dim, generator=generator, device=at)
+        style = torch.randn(n, *self.style_shape, generator=generator, device=at)
         noise = torch.randn(n, self.noise_channels, h, w, generator=generator, device=at)
         return Component(style.to(device or at), noise.to(device or at))
 
@@ -104,7 +120,8 @@ class LatentLayout:
         """The all-zero code, used for the cIMLE pretraining stage (z = 0)."""
         return [
             Component(
-                torch.zeros(n, self.code_dim, device=device), torch.zeros(n, self.noise_channels, h, w, device=device)
+                torch.zeros(n, *self.style_shape, device=device),
+                torch.zeros(n, self.noise_channels, h, w, device=device),
             )
             for h, w in self.sizes
         ]
@@ -153,8 +170,8 @@ def to(codes: Codes, device: torch.device | str, dtype: torch.dtype | None = Non
 
 
 def flatten(codes: Codes) -> Tensor:
-    """z in R^n: the components concatenated in level order, each as (style, noise.flatten())."""
-    return torch.cat([torch.cat([c.style, c.noise.flatten(1)], 1) for c in codes], 1)
+    """z in R^n: the components concatenated in level order, each as (style.flatten(), noise.flatten())."""
+    return torch.cat([torch.cat([c.style.flatten(1), c.noise.flatten(1)], 1) for c in codes], 1)
 
 
 def unflatten(z: Tensor, layout: LatentLayout) -> Codes:
@@ -163,8 +180,8 @@ def unflatten(z: Tensor, layout: LatentLayout) -> Codes:
         raise ValueError(f"code has {z.shape[1]} dims, layout expects {sum(layout.dims())}")
     out, offset = [], 0
     for h, w in layout.sizes:
-        style = z[:, offset : offset + layout.code_dim]
-        offset += layout.code_dim
+        style = z[:, offset : offset + layout.style_dim].reshape(-1, *layout.style_shape)
+        offset += layout.style_dim
         k = layout.noise_channels * h * w
         noise = z[:, offset : offset + k].reshape(-1, layout.noise_channels, h, w)
         offset += k
@@ -224,12 +241,16 @@ def interpolate(a: Codes, b: Codes, steps: int) -> list[Codes]:
 
 def to_authors(codes: Codes) -> list[Tensor]:
     """Our components -> the authors' per-level flat codes [(N, code_dim + noise_channels * h_l * w_l), ...]."""
+    if any(c.style.ndim != 2 for c in codes):
+        raise ValueError("the authors' codes have one style vector per level: model.style_grid > 1 has no such layout")
     return [torch.cat([c.style, c.noise.flatten(1)], 1) for c in codes]
 
 
 def from_authors(flat: Sequence[Tensor], layout: LatentLayout) -> Codes:
     """The authors' per-level flat codes (levels 1..k, k <= layout.levels, as their partial codes) -> our
     components. Inverse of `to_authors`; the tensors are viewed, not copied, where they are contiguous."""
+    if layout.style_grid != 1:
+        raise ValueError("the authors' codes have one style vector per level: model.style_grid > 1 has no such layout")
     if not 1 <= len(flat) <= layout.levels:
         raise ValueError(f"expected 1..{layout.levels} per-level codes, got {len(flat)}")
     out = []

@@ -4,6 +4,8 @@ A chain of L levels ("modules"), each at twice the resolution of the previous. L
   * a local stream: input conv -> RRDB blocks (weight-normalised convs) -> conv, with a skip;
   * a global stream: a mapping network turning the level's global code (and the w of all earlier
     levels) into w_l, which drives an AdaIN after every RRDB: x = (1 + gamma) * IN(x) + beta;
+    with `style_grid` G > 1 the global code is a G x G grid of vectors, mapped cell by cell, and
+    gamma, beta are bilinearly upsampled from G x G to the feature's size (a style per region);
   * an output head (conv -> tanh -> (x + 1) / 2), so every level emits an image in [0, 1] that is
     supervised against the target downsampled to that level (intermediate supervision);
   * a latent component z_l = (global code, spatial noise channels), see `chimle.latent`.
@@ -116,6 +118,11 @@ class TowerConfig:
     # channels, which is what the latent code holds and the search draws.
     noise_encoder: bool = False
     encoder_noise: int = 10
+    # chimle's own option: each level's style is a G x G grid of vectors (i.i.d. N(0, I)), each mapped on
+    # its own; the AdaINs' gamma and beta are bilinearly upsampled from the grid to the feature's size, so
+    # the modulation varies smoothly over the image. G = 1 is the papers' single style vector. Why: a
+    # single style makes colourisation's modes whole-image tints (docs/models.md); a grid allows regional ones.
+    style_grid: int = 1
 
     # Fields written by `to_dict` only when they differ from their defaults, so that every existing config
     # serialises exactly as before (config.yaml of a run, whose resume compares it, and exported metadata).
@@ -126,6 +133,7 @@ class TowerConfig:
         "input_skip",
         "noise_encoder",
         "encoder_noise",
+        "style_grid",
     )
 
     def __post_init__(self) -> None:
@@ -145,6 +153,10 @@ class TowerConfig:
             raise ValueError(f"output_mode must be 'tanh01' or 'ab_times_l', got {self.output_mode!r}")
         if self.input_skip and (self.in_channels != self.out_channels or self.feedback != "image"):
             raise ValueError("input_skip needs in_channels == out_channels and feedback 'image' (it adds to the image)")
+        if not isinstance(self.style_grid, int) or isinstance(self.style_grid, bool) or self.style_grid < 1:
+            raise ValueError(
+                f"style_grid must be an integer >= 1 (the side of the style grid), got {self.style_grid!r}"
+            )
         if self.encoder_noise < 1:
             raise ValueError(f"encoder_noise must be >= 1, got {self.encoder_noise}")
         if self.final_convs and self.layout != "same":
@@ -242,15 +254,45 @@ class RRDB(nn.Module):
         return x + self.beta * self.body(x)
 
 
-def adain(x: Tensor, style: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-5) -> Tensor:
-    """x = (1 + gamma) * InstanceNorm(x) + beta with [gamma, beta] = style (N, 2C)."""
+Region = tuple[int, int, int, int]  # (y0, x0, H, W): a tile at (y0, x0) of an H x W image, at a level's resolution
+
+
+def adain(
+    x: Tensor, style: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-5, region: Region | None = None
+) -> Tensor:
+    """x = (1 + gamma) * InstanceNorm(x) + beta with [gamma, beta] = style (N, 2C), or a grid of them (N, G, G, 2C)
+    upsampled to x's size (`style_map`). The statistics (mean, var) are per channel over the whole image."""
     n, c = x.shape[:2]
-    gamma, beta = style.view(n, 2 * c, 1, 1).chunk(2, 1)
+    if style.ndim == 2:
+        gamma, beta = style.view(n, 2 * c, 1, 1).chunk(2, 1)
+    else:
+        gamma, beta = style_map(style.movedim(-1, 1), x.shape[-2:], region).chunk(2, 1)
     return (1 + gamma) * ((x - mean) * torch.rsqrt(var + eps)) + beta
 
 
+def style_map(grid: Tensor, size: tuple[int, int], region: Region | None = None) -> Tensor:
+    """A grid (N, C, G, G) bilinearly upsampled to `size` (align_corners=False); with `region` = (y0, x0, H, W) the
+    window of that size at (y0, x0) of the grid upsampled to H x W, computed for the window alone (tiled inference)."""
+    if region is None:
+        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+    def weights(g: int, n: int, start: int, length: int) -> Tensor:  # rows of F.interpolate's (n, g) matrix
+        src = ((torch.arange(start, start + length, device=grid.device) + 0.5) * (g / n) - 0.5).clamp(min=0)
+        lo = src.floor().long().clamp(max=g - 1)
+        frac = (src - lo)[:, None]
+        m = torch.zeros(length, g, device=grid.device).scatter_add_(1, lo[:, None], 1 - frac)
+        return m.scatter_add_(1, (lo + 1).clamp(max=g - 1)[:, None], frac).to(grid.dtype)
+
+    y0, x0, h, w = region
+    rows, cols = weights(grid.shape[-2], h, y0, size[0]), weights(grid.shape[-1], w, x0, size[1])
+    return torch.einsum("hg,ncgk,wk->nchw", rows, grid, cols)
+
+
 class MappingNetwork(nn.Module):
-    """Global stream of one level: its code -> w_l; level l > 1 also reads w_1..w_{l-1}."""
+    """Global stream of one level: its code -> w_l; level l > 1 also reads w_1..w_{l-1}.
+
+    A style grid (N, code_dim, G, G) is mapped cell by cell: the Linear layers act on the last dim, so the
+    code dim is moved last and w is (N, G, G, width), concatenated with the earlier levels' w cell by cell."""
 
     def __init__(self, code_dim: int, width: int, layers: int, level: int):
         super().__init__()
@@ -259,8 +301,10 @@ class MappingNetwork(nn.Module):
         self.rest = nn.ModuleList(nn.Linear(width, width) for _ in range(layers - 2))
 
     def forward(self, style: Tensor, earlier_w: list[Tensor]) -> Tensor:
+        if style.ndim == 4:
+            style = style.movedim(1, -1)
         h = F.leaky_relu(self.first(style), 0.2)
-        h = F.leaky_relu(self.mix(torch.cat([h, *earlier_w], 1)), 0.2)
+        h = F.leaky_relu(self.mix(torch.cat([h, *earlier_w], -1)), 0.2)
         for lin in self.rest:
             h = F.leaky_relu(lin(h), 0.2)
         return h
@@ -333,10 +377,12 @@ class Level(nn.Module):
         prev_feature: Tensor | None,
         earlier_w: list[Tensor],
         stats: NormStats | None = None,
+        region: Region | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Returns (output image in [0, 1], feature at 2x for the next level, w of this level).
 
-        `stats` overrides the instance-norm statistics of the AdaINs (see `NormStats`).
+        `stats` overrides the instance-norm statistics of the AdaINs (see `NormStats`); `region` says which
+        window of the whole image this input is, for a style grid (tiled inference; see `TowerModel.step`).
         """
         w = self.mapping(z.style, earlier_w)
         noise = z.noise.to(image.dtype)
@@ -355,7 +401,7 @@ class Level(nn.Module):
                 var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, unbiased=False)
                 if stats is not None:
                     stats.values.append((mean, var))
-            x = adain(x, style(w), mean, var)
+            x = adain(x, style(w), mean, var, region=region)
         feat = feat + self.conv_trunk(x)
         if self.upscale:
             feat = self.up(feat)
@@ -435,7 +481,7 @@ class TowerModel(nn.Module):
     def latent_layout(self, input_hw: tuple[int, int] | None = None) -> LatentLayout:
         h, w = input_hw if input_hw is not None else (self.cfg.input_size, self.cfg.input_size)
         noise = self.cfg.encoder_noise if self.cfg.noise_encoder else self.cfg.noise_channels
-        return LatentLayout(self.cfg.code_dim, noise, tuple(self.cfg.level_sizes(h, w)))
+        return LatentLayout(self.cfg.code_dim, noise, tuple(self.cfg.level_sizes(h, w)), self.cfg.style_grid)
 
     def sample_codes(
         self,
@@ -461,8 +507,13 @@ class TowerModel(nn.Module):
         inputs = [x] if self.cfg.layout == "upscale" else [resize(x, s) for s in sizes]
         return LevelState(inputs, None, [], None)
 
-    def step(self, level: int, state: LevelState, z: Component, stats: NormStats | None = None) -> LevelState:
-        """Run `level` (1-based) on top of the state left by levels 1..level-1."""
+    def step(
+        self, level: int, state: LevelState, z: Component, stats: NormStats | None = None, region: Region | None = None
+    ) -> LevelState:
+        """Run `level` (1-based) on top of the state left by levels 1..level-1.
+
+        `region` = (y0, x0, H, W) at this level's input resolution: the state is a tile at (y0, x0) of an image of
+        H x W, whose style grid (`style_grid` > 1) spans the whole image (`chimle.inference.tiling`)."""
         if self.cfg.layout == "upscale" and level > 1:
             image = state.output
             if self.cfg.feedback == "tanh":  # the authors' SR feeds the raw tanh: recover it from (t + 1) / 2
@@ -470,7 +521,7 @@ class TowerModel(nn.Module):
         else:
             image = state.inputs[level - 1]
         out, feat, w = self.levels[level - 1](
-            image, z, None if level == 1 else self.cfg.feature_scale * state.feature, state.ws, stats
+            image, z, None if level == 1 else self.cfg.feature_scale * state.feature, state.ws, stats, region
         )
         return LevelState(state.inputs, feat, [*state.ws, w], out)
 

@@ -7,7 +7,7 @@ that exact output from it (`chimle.inference.explore.sample_with_code`), and the
     format    "chimle-code-1"
     meta      JSON: what the code belongs to (`chimle.inference.explore.code_meta`: the input's size, the task,
               the model's levels and code sizes, the page's threads...)
-    style_l   (code_dim,) float32, for l = 1..L
+    style_l   (code_dim,) float32, for l = 1..L; (code_dim, G, G) for a model with `style_grid` G > 1
     noise_l   (noise_channels, h_l, w_l) float32
 
     save_code("pick.npz", latent.index(codes, [3]), meta)
@@ -91,8 +91,9 @@ def check_code(model: TowerModel, codes: Codes, x: Tensor, name: str = "the code
         raise ValueError(f"{name} has {len(codes)} levels, the model {layout.levels}")
     for l, (c, (h, w)) in enumerate(zip(codes, layout.sizes), 1):
         want = (layout.noise_channels, h, w)
-        if c.style.shape[1] != layout.code_dim or tuple(c.noise.shape[1:]) != want:
+        if tuple(c.style.shape[1:]) != layout.style_shape or tuple(c.noise.shape[1:]) != want:
             raise ValueError(
-                f"{name} does not fit this model and input: level {l} has style {c.style.shape[1]} and noise "
-                f"{tuple(c.noise.shape[1:])}, this input needs {layout.code_dim} and {want} (another input size?)"
+                f"{name} does not fit this model and input: level {l} has style {tuple(c.style.shape[1:])} and "
+                f"noise {tuple(c.noise.shape[1:])}, this input needs {layout.style_shape} and {want} "
+                "(another input size or model?)"
             )

@@ -226,6 +226,7 @@ def code_meta(model: TowerModel, task: Task | None, inp: Input, **extra) -> dict
         "levels": model.cfg.levels,
         "code_dim": model.cfg.code_dim,
         "noise_channels": model.cfg.noise_channels,
+        **({"style_grid": model.cfg.style_grid} if model.cfg.style_grid > 1 else {}),
         **extra,
     }
 

@@ -286,7 +286,7 @@ def _refine(
     # the parts of the flat code, (offset, size): each level's style, then its noise
     parts, off = [], 0
     for dim in layout.dims():
-        parts += [(off, layout.code_dim), (off + layout.code_dim, dim - layout.code_dim)]
+        parts += [(off, layout.style_dim), (off + layout.style_dim, dim - layout.style_dim)]
         off += dim
     adam = torch.optim.Adam([z], lr=opt.lr)
     best_z, best_d = z.detach().clone(), torch.full((k,), math.inf, device=device)

@@ -9,6 +9,7 @@
 Graph inputs, the layout of `chimle.latent` (`TowerModel.latent_layout`), coarsest level first:
     input     (N, in_channels, H, W)               the conditioning image in [0, 1]
     style{l}  (N, code_dim)                        level l's global code, l = 1..L
+              (N, code_dim, G, G)                  for a model with `style_grid` G > 1
     noise{l}  (N, noise_channels, h_l, w_l)        level l's noise map (`LatentLayout.sizes`)
 and one output, `output` (N, out_channels, H * scale, W * scale): the last level's image in [0, 1]
 (colourisation: the chroma ab01 that the task composes with the input's lightness). A sample is whatever
@@ -179,7 +180,12 @@ def export_onnx(
             "chimle.model": json.dumps(model.cfg.to_dict()),
             "chimle.task": json.dumps(task or {}),
             "chimle.latent": json.dumps(
-                {"code_dim": layout.code_dim, "noise_channels": layout.noise_channels, "sizes": layout.sizes}
+                {
+                    "code_dim": layout.code_dim,
+                    "noise_channels": layout.noise_channels,
+                    "sizes": layout.sizes,
+                    **({"style_grid": layout.style_grid} if layout.style_grid > 1 else {}),
+                }
             ),
             "chimle.inputs": json.dumps(names),
             "chimle.dynamic": json.dumps(dynamic),

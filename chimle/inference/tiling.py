@@ -3,7 +3,9 @@
 The input is cut into overlapping tiles; every tile runs the whole tower with the matching crop of
 every level's noise (the noise lives at each level's input resolution, so a tile at input offset
 (i, j) reads level l's noise at (i, j) * (level size / input size)); the global style codes are
-shared. The last level's outputs are blended into one canvas with cosine ramps across the overlaps
+shared. A style grid (`TowerConfig.style_grid` > 1) spans the whole image: every tile's AdaINs use the
+window of the grid's upsampled gamma and beta under the tile (`chimle.model.style_map`), computed for
+that window alone. The last level's outputs are blended into one canvas with cosine ramps across the overlaps
 (weights normalised to sum to 1), so seams do not show.
 
     hw = tiling.padded_hw(model, (h, w))                 # the size the codes must be drawn for
@@ -218,7 +220,8 @@ def tiled_bands(
     tile = max(a, tile // a * a)
     th, tw, s = min(tile, h), min(tile, w), cfg.scale
     ys, xs = tile_starts(h, th, overlap, a), tile_starts(w, tw, overlap, a)
-    level_scale = [lh / h for lh, _ in cfg.level_sizes(h, w)]  # noise resolution / input resolution
+    level_sizes = cfg.level_sizes(h, w)
+    level_scale = [lh / h for lh, _ in level_sizes]  # noise resolution / input resolution
     # The input pyramid of the whole image, cropped per tile, so that a tile's coarse inputs are exactly
     # the untiled ones (downsampling each tile on its own would differ near its borders).
     pyramid = model.initial_state(x).inputs
@@ -227,7 +230,8 @@ def tiled_bands(
         state = LevelState([_crop(p, y0, x0, th, tw, p.shape[-2] / h).to(dev) for p in pyramid], None, [], None)
         for l, c in enumerate(codes, 1):
             z = Component(c.style.to(dev), _crop(c.noise, y0, x0, th, tw, level_scale[l - 1]).to(dev))
-            state = model.step(l, state, z, None if norm is None else norm[l - 1])
+            region = (round(y0 * level_scale[l - 1]), round(x0 * level_scale[l - 1]), *level_sizes[l - 1])
+            state = model.step(l, state, z, None if norm is None else norm[l - 1], region)
         return state.output.float().to(x.device)
 
     def ramp(starts: list[int], k: int, size: int) -> Tensor:
