@@ -113,6 +113,30 @@ def test_evaluate_writes_every_metric(ckpt, held_out, tmp_path):
         ev.evaluate(model, task, ImageDataset(held_out, task, crop=16, train=True), out_dir=out)
 
 
+def test_evaluate_colorize_chroma_metrics(held_out, tmp_path):
+    """For colourisation, evaluate reports the chroma distance to the photo (best of K and mean) and the
+    chroma spread, equal to the metric functions on the same samples (an untrained tiny tower)."""
+    from chimle.evaluation import metrics
+    from chimle.model import TowerConfig, TowerModel
+
+    torch.manual_seed(0)
+    model = TowerModel(TowerConfig.preset("tiny", levels=2, in_channels=1, out_channels=2, style_grid=2)).eval()
+    task = make_task("colorize")
+    with pytest.warns(UserWarning):
+        r = ev.evaluate(
+            model, task, held_out, num_samples=3, out_dir=tmp_path, crop=16, options=ev.EvalOptions(ivo_runs=0)
+        )
+    ds = ImageDataset(held_out, task, crop=16, train=False)
+    x, y = (torch.stack([ds[i][k] for i in range(3)]) for k in ("input", "target"))
+    samples = generate(model, x, 3, seeded(0, Stream.EVAL_SAMPLES), task=task)
+    err, spread = metrics.chroma_error(samples, y), metrics.chroma_spread(samples)
+    assert r["chroma_error_best_of_k"] == pytest.approx(err["best_of_k"], rel=1e-5)
+    assert r["chroma_error_mean"] == pytest.approx(err["mean"], rel=1e-5)
+    assert 0 < r["chroma_error_best_of_k"] < r["chroma_error_mean"]  # the samples differ in colour
+    assert r["chroma_spread_regional"] == pytest.approx(spread["regional"], rel=1e-5)
+    assert "| chroma_error_best_of_k |" in (tmp_path / "metrics.md").read_text()
+
+
 def test_sample_efficiency_curve(ckpt, held_out, tmp_path):
     model, task_cfg = load_with_task(ckpt)
     task = make_task(**task_cfg)

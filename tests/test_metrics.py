@@ -263,3 +263,20 @@ def test_chroma_spread_tells_tints_from_regions():
     assert r["regional"] == pytest.approx(3.0, rel=0.02) and r["tint"] < 0.05
     with pytest.raises(ValueError, match="at least 2 samples"):
         metrics.chroma_spread(base[None])
+
+
+def test_chroma_error_best_of_k_and_mean():
+    """The photo itself scores 0; a sample with its chroma moved by (6, -8) Lab units everywhere scores 10;
+    best of K takes the closer per input, the mean averages both."""
+    from chimle.data.tasks import lab_to_rgb, rgb_to_lab
+
+    g = torch.Generator().manual_seed(1)
+    lab = torch.cat([torch.full((2, 1, 16, 16), 55.0), 8 * torch.randn(2, 2, 16, 16, generator=g)], 1)
+    photo = lab_to_rgb(lab)
+    lab = rgb_to_lab(photo)
+    moved = lab_to_rgb(lab + torch.tensor([0.0, 6.0, -8.0]).view(1, 3, 1, 1))
+    r = metrics.chroma_error(torch.stack([moved, photo]), photo)
+    assert r["best_of_k"] == pytest.approx(0.0, abs=1e-3)
+    assert r["mean"] == pytest.approx(5.0, rel=0.02)
+    r = metrics.chroma_error(moved[None], photo)
+    assert r["best_of_k"] == pytest.approx(10.0, rel=0.02)

@@ -21,6 +21,9 @@ computes (the metric functions are in `chimle.metrics`):
     chroma_spread_tint, chroma_spread_regional
                                how samples differ in colour: by a whole-image tint, or by region
                                (`metrics.chroma_spread`, Lab a/b units)
+    chroma_error_best_of_k, chroma_error_mean
+                               colourisation: Lab chroma distance of a sample to the photo, the closest of
+                               K per input and the mean (`metrics.chroma_error`)
     consistency_mae, consistency_shift
                                does a sample observe back to its input (`metrics.consistency`): mean
                                absolute error and mean shift per channel (absent for paired / night)
@@ -189,6 +192,9 @@ def evaluate(
     r["lpips_to_target_best_of_k"] = float(to_target.double().min(0).values.mean())
     # colour modes: a tint of the whole image, or regions coloured differently (metrics.chroma_spread)
     r["chroma_spread_tint"], r["chroma_spread_regional"] = metrics.chroma_spread(samples).values()
+    if task.name == "colorize":  # does some sample colour the photo as it is (metrics.chroma_error)
+        err = metrics.chroma_error(samples, y)
+        r["chroma_error_best_of_k"], r["chroma_error_mean"] = err["best_of_k"], err["mean"]
     if task.observe(samples[:1, :1].flatten(0, 1)) is not None:
         c = metrics.consistency(samples, x, task.observe)
         r["consistency_mae"], r["consistency_shift"] = c["mae"], c["shift"]
@@ -256,6 +262,8 @@ _DESCRIPTIONS = [  # (key, description, scale shown in the "papers' scale" colum
     ("consistency_mae", "consistency: mean |observe(sample) - input| (lower is better)", 1),
     ("chroma_spread_tint", "chroma spread over samples: mean chroma (whole-image tints), Lab units", 1),
     ("chroma_spread_regional", "chroma spread over samples after removing the mean chroma (regions), Lab units", 1),
+    ("chroma_error_best_of_k", "chroma distance to the photo, best of K (colourisation), Lab units", 1),
+    ("chroma_error_mean", "chroma distance to the photo, mean over samples (colourisation), Lab units", 1),
 ]
 
 

@@ -337,6 +337,19 @@ def chroma_spread(samples: Tensor) -> dict[str, float]:
     return {"tint": float(tint.mean()), "regional": float(regional.mean())}
 
 
+def chroma_error(samples: Tensor, targets: Tensor) -> dict[str, float]:
+    """How far each sample's colours are from the photo's: the mean over pixels of the Lab chroma distance
+    |ab_sample(p) - ab_photo(p)| (Euclidean in a, b; Lab units), per sample. Returns "best_of_k" (the
+    closest of the K samples of each input, averaged over inputs: does some sample colour it as the photo
+    is?) and "mean" (over all samples). A grey image scores the photo's mean chroma magnitude.
+    samples (K, N, 3, H, W), targets (N, 3, H, W), both in [0, 1]."""
+    _check_samples(samples, targets)
+    ab = rgb_to_lab(samples.double())[:, :, 1:]  # (K, N, 2, H, W)
+    ab_t = rgb_to_lab(targets.double())[:, 1:]
+    err = (ab - ab_t).pow(2).sum(2).sqrt().mean((-2, -1))  # (K, N)
+    return {"best_of_k": float(err.min(0).values.mean()), "mean": float(err.mean())}
+
+
 # -----------------------------------------------------------------------------
 # PRD: precision and recall for distributions (Sajjadi et al. 2018)
 
