@@ -61,7 +61,7 @@ COMMANDS: dict[str, str] = {
 # Names the apps define (their modules import torch), written out for the help texts and defaults;
 # tests/test_first_hour.py checks that they are the apps' names.
 REPRODUCE_PARTS = ("mnist", "efficiency", "factors", "ablation", "table1")  # chimle.apps.reproduce.PARTS
-REPRODUCE_EXTRA_PARTS = ("digits",)  # chimle.apps.reproduce.EXTRA_PARTS
+REPRODUCE_EXTRA_PARTS = ("digits", "photos")  # chimle.apps.reproduce.EXTRA_PARTS
 GPU_CHECKS = ("search", "train", "memory", "speed", "ddp", "tiling")  # chimle.apps.bench_gpu.CHECKS
 SPEED_BENCHMARKS = ("search", "naive", "flat", "sample", "train")  # chimle.apps.bench_speed.BENCHMARKS
 EXPLORE_MODEL = "sr8-small"  # the shipped 8x super-resolution model `chimle explore` opens by default

@@ -22,6 +22,10 @@ Parts, each beside the paper's number or figure:
               digit super-resolution (7 -> 28 px) and completion (the lower half) under pixel L2, CHIMLE
               against cIMLE at equal compute and at equal samples, and the Fig. 7 ladder, over 5 seeds,
               scored by a digit classifier of our own (`chimle.evaluation.digit_table`).
+  photos      (only when asked: `--parts photos`, many hours on a CPU: use --resume) Table 1 where level 1
+              works at 64 px: 8x SR on 256 px crops of the photo corpus (`data: photos`), CHIMLE against
+              cIMLE at equal compute over 3 seeds, on scikit-image's photos cut into 128 px tiles
+              (`chimle.evaluation.photo_table`).
 
 Fashion-MNIST comes from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist, or env
 CHIMLE_FASHION_MNIST); without it the factors part leaves that row out and says so.
@@ -50,7 +54,7 @@ from ..data.digits import find_named
 from ..data.imageio import builtin_photo_dir, load_image, pyplot, save_figure, save_tiles
 from ..data.tasks import make_task
 from ..distances import make_distance
-from ..evaluation import cpu_report, digit_table
+from ..evaluation import cpu_report, digit_table, photo_table
 from ..evaluation import mnist_illustration as fig1
 from ..evaluation.ablation import AblationOptions, over_seeds, plot_ablation, run_ablation
 from ..evaluation.efficiency import EfficiencyOptions, level_diagnostics, run_efficiency, sample_efficiency
@@ -105,6 +109,7 @@ class Sizes:
     eval_images: int | None = 48  # held-out tiles used (None: all)
     pool: int = 96
     digits: digit_table.DigitSizes = digit_table.DigitSizes()  # the digits part
+    photos: photo_table.PhotoSizes = photo_table.PhotoSizes()  # the photos part
 
 
 FULL = Sizes()
@@ -131,6 +136,7 @@ QUICK = Sizes(
     eval_images=24,
     pool=32,
     digits=digit_table.QUICK,
+    photos=photo_table.QUICK,
 )
 
 
@@ -481,7 +487,13 @@ def part_digits(out: Path, sz: Sizes, data: Data) -> dict:
     return r
 
 
-# The report's parts (run by default), and those that run only when named (`--parts digits`).
+def part_photos(out: Path, sz: Sizes, data: Data) -> dict:
+    r = photo_table.run(out, sz.photos)
+    r["figure"] = f"photos/{r['figure']}"
+    return r
+
+
+# The report's parts (run by default), and those that run only when named (`--parts digits,photos`).
 PARTS: dict[str, Callable[[Path, Sizes, Data], dict]] = {
     "mnist": part_mnist,
     "efficiency": part_efficiency,
@@ -489,7 +501,7 @@ PARTS: dict[str, Callable[[Path, Sizes, Data], dict]] = {
     "ablation": part_ablation,
     "table1": part_table1,
 }
-EXTRA_PARTS: dict[str, Callable[[Path, Sizes, Data], dict]] = {"digits": part_digits}
+EXTRA_PARTS: dict[str, Callable[[Path, Sizes, Data], dict]] = {"digits": part_digits, "photos": part_photos}
 
 
 def run_report(
@@ -503,7 +515,7 @@ def run_report(
     """Run the `parts` (reusing finished ones with `resume`) and write the report; returns the results.
     mnist: the MNIST digits of the mnist and factors parts (None: as `chimle mnist` finds them)."""
     out = Path(out)
-    data = Data(*_split(out), mnist=mnist) if set(parts) & set(PARTS) else Data(mnist=mnist)  # digits: no photos
+    data = Data(*_split(out), mnist=mnist) if set(parts) & set(PARTS) else Data(mnist=mnist)  # extra parts: their own
     results: dict[str, dict] = {}
     for name in parts:
         done = out / name / "result.json"
@@ -535,10 +547,10 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     if unknown := [x for x in parts if x not in {**PARTS, **EXTRA_PARTS}]:
         raise ValueError(f"unknown part(s) {unknown}; choose from {list({**PARTS, **EXTRA_PARTS})}")
     if not a.quick:
-        print(
-            "reproduce: the full report trains 40 towers, which takes hours on a CPU (--quick: minutes)",
-            file=sys.stderr,
-        )
+        heavy = "the full report trains 40 towers, which takes hours on a CPU"
+        if "photos" in parts:
+            heavy += "; the photos part 6 towers on 256 px crops, many hours (--resume goes on after a stop)"
+        print(f"reproduce: {heavy} (--quick: minutes)", file=sys.stderr)
     sizes = QUICK if a.quick else FULL
     if a.digit_data:
         sizes = replace(sizes, digits=replace(sizes.digits, data=tuple(x for x in a.digit_data.split(",") if x)))

@@ -7,7 +7,8 @@ from them (each part's result.json), none is written in by hand.
 Sections: TIM Fig. 1 (the MNIST illustration), TIM Fig. 3 / CHIMLE Fig. 2 (sample efficiency), what moves
 the efficiency curve (the factors), CHIMLE Fig. 7 (the ablation ladder over seeds, beside the paper's SR
 FID), CHIMLE Table 1 at equal compute (with CHIMLE minus cIMLE in standard errors over seeds), the digits
-(`chimle.evaluation.digit_table.report_blocks`) and the time per part.
+(`chimle.evaluation.digit_table.report_blocks`), Table 1 where level 1 works at 64 px
+(`chimle.evaluation.photo_table.report_blocks`) and the time per part.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import digit_table
+from . import digit_table, photo_table
 from .report import Block, table
 from .stats import VERDICT_Z, z_of_means
 
@@ -67,8 +68,9 @@ def report_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any], com
     part's result.json), the time per part. sizes: `chimle reproduce`'s Sizes as a dict (the counts a
     result does not record itself are read from it)."""
     sz = dict(sizes)
-    if "digits" not in results:  # its sizes only beside its section
-        sz.pop("digits", None)
+    for extra in ("digits", "photos"):  # their sizes only beside their sections
+        if extra not in results:
+            sz.pop(extra, None)
     b: list[Block] = [("h1", "chimle: the papers' experiments at CPU scale")]
     b.append(("p", f"Command: `{command}`. Sizes: {json.dumps(sz)}."))
     if "mnist" in results:
@@ -167,6 +169,8 @@ def report_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any], com
             ]
     if "digits" in results:
         b += digit_table.report_blocks(results["digits"])
+    if "photos" in results:
+        b += photo_table.report_blocks(results["photos"])
     b.append(("h2", "Time per part"))
     times = [{"part": k, "seconds": v["seconds"]} for k, v in results.items()]
     b.append(("table", table(times, ["part", "seconds"])))
