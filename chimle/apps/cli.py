@@ -11,7 +11,7 @@
     chimle eval CHECKPOINT --data DIR [--num N] --out DIR
     chimle bench speed|gpu|efficiency|ablation ...
     chimle mnist [--out DIR] [--steps N]
-    chimle reproduce --out DIR [--quick] [--resume] [--parts mnist,efficiency,ablation,table1]
+    chimle reproduce --out DIR [--quick] [--resume] [--parts mnist,efficiency,factors,ablation,table1 | digits | photos]
     chimle presets
     chimle models
     chimle explore [WEIGHTS | --demo] [--host H] [--port P]     (needs `pip install "chimle[app]"`)

@@ -547,10 +547,11 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     if unknown := [x for x in parts if x not in {**PARTS, **EXTRA_PARTS}]:
         raise ValueError(f"unknown part(s) {unknown}; choose from {list({**PARTS, **EXTRA_PARTS})}")
     if not a.quick:
-        heavy = "the full report trains 40 towers, which takes hours on a CPU"
+        heavy = ["the report's parts train 40 towers, hours on a CPU"] if set(parts) & set(PARTS) else []
         if "photos" in parts:
-            heavy += "; the photos part 6 towers on 256 px crops, many hours (--resume goes on after a stop)"
-        print(f"reproduce: {heavy} (--quick: minutes)", file=sys.stderr)
+            heavy.append("the photos part 6 towers on 256 px crops, about 7 hours on one core")
+        if heavy:
+            print(f"reproduce: {'; '.join(heavy)}; --resume goes on after a stop (--quick: minutes)", file=sys.stderr)
     sizes = QUICK if a.quick else FULL
     if a.digit_data:
         sizes = replace(sizes, digits=replace(sizes.digits, data=tuple(x for x in a.digit_data.split(",") if x)))
