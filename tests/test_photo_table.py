@@ -18,7 +18,7 @@ from chimle.apps import reproduce
 from chimle.data.imageio import load_image, save_image
 from chimle.data.tasks import make_task
 from chimle.distances import make_distance
-from chimle.evaluation import photo_table, stats
+from chimle.evaluation import held_out, photo_table, stats
 from chimle.inference.weights import load_with_task
 from chimle.search import level_costs, search_cost
 from chimle.training.trainer import Trainer
@@ -122,7 +122,7 @@ def test_a_rerun_reuses_every_tower_and_evaluation(run, monkeypatch):
     assert len(checkpoints) == 4
     before = [p.stat().st_mtime_ns for p in checkpoints]
     monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
-    monkeypatch.setattr(photo_table, "evaluate", lambda *a, **k: pytest.fail("a tower was evaluated again"))
+    monkeypatch.setattr(held_out, "evaluate", lambda *a, **k: pytest.fail("a tower was evaluated again"))
     monkeypatch.setattr(photo_table, "builtin_photo_dir", lambda: held)
     again = reproduce.run_report(out, sizes, parts=("photos",), quick=True)["photos"]
     assert [p.stat().st_mtime_ns for p in checkpoints] == before

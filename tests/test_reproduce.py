@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from chimle.apps import reproduce
-from chimle.evaluation import ablation
+from chimle.evaluation import ablation, held_out
 from chimle.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,7 +243,7 @@ def test_resume_reuses_every_part_and_a_rerun_every_tower(run, monkeypatch):
     assert (out / "report.md").read_text() == md
     # without --resume the parts run again, but finished towers and Table 1's evaluations are reused
     monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail(f"{self.out} was trained again"))
-    monkeypatch.setattr(reproduce, "evaluate", lambda *a, **k: pytest.fail("an evaluation was run again"))
+    monkeypatch.setattr(held_out, "evaluate", lambda *a, **k: pytest.fail("an evaluation was run again"))
     monkeypatch.setattr(ablation, "generate", lambda *a, **k: pytest.fail("a rung was sampled again"))
     rerun = reproduce.run_report(out, TINY, parts=("ablation", "table1"), quick=True)
     for part in ("ablation", "table1"):

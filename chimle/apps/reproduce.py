@@ -58,8 +58,7 @@ from ..evaluation import cpu_report, digit_table, photo_table
 from ..evaluation import mnist_illustration as fig1
 from ..evaluation.ablation import AblationOptions, over_seeds, plot_ablation, run_ablation
 from ..evaluation.efficiency import EfficiencyOptions, level_diagnostics, run_efficiency, sample_efficiency
-from ..evaluation.evaluate import EvalOptions, evaluate
-from ..evaluation.held_out import fresh_metrics, held_out_crops
+from ..evaluation.held_out import evaluate_tower, held_out_crops
 from ..evaluation.report import write_report
 from ..evaluation.stats import VERDICT_Z, mean_std, z_of_means
 from ..inference.weights import load_with_task
@@ -400,7 +399,8 @@ def part_table1(out: Path, sz: Sizes, data: Data) -> dict:
             num_samples=m_flat,
         )
         for name, tr in (("chimle", chimle), ("cimle", cimle)):
-            runs.setdefault((task, name), []).append({**_evaluate(tr, data.tiles, sz), "m_flat": m_flat})
+            m = evaluate_tower(tr, data.tiles, sz.eval_samples, 64, sz.eval_images)
+            runs.setdefault((task, name), []).append({**m, "m_flat": m_flat})
     rows = []
     for (task, name), evals in runs.items():
         row = {"task": task, "method": name, "search": _search_label(name, sz, evals[0]["m_flat"])}
@@ -455,26 +455,6 @@ def plot_table1(by: dict[tuple[str, str], dict], path: Path) -> None:
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def _evaluate(tr: Trainer, tiles: Path, sz: Sizes) -> dict:
-    """evaluate() on the held-out tiles, reused when its metrics.json is newer than the tower's last
-    checkpoint and has the same counts (minutes per tower on a CPU: Inception sees every sample)."""
-    saved = fresh_metrics(
-        tr.out / "eval" / "metrics.json", tr.checkpoint_path, samples_per_input=sz.eval_samples, images=sz.eval_images
-    )
-    if saved is not None:
-        return saved
-    return evaluate(
-        tr.model,
-        tr.task,
-        tiles,
-        num_samples=sz.eval_samples,
-        out_dir=tr.out / "eval",
-        crop=64,
-        max_images=sz.eval_images,
-        options=EvalOptions(ivo_runs=0),
-    )
 
 
 def _search_label(method: str, sz: Sizes, m_flat: int) -> str:

@@ -2,6 +2,7 @@
 
     x, y = held_out_crops(task, "photos/held_out", crop=64, levels=3, crops_per_image=8)
     saved = fresh_metrics(run / "eval" / "metrics.json", run / "checkpoints" / "last.pt", samples=6)
+    r = evaluate_tower(trainer, "tiles/", samples=10, crop=128)   # evaluate(), reused while fresh
 
 `held_out_crops` takes several deterministic random crops of each held-out photo (few photos give more
 crops, as FID and KID need images); `fresh_metrics` returns saved metrics only when they were written
@@ -14,15 +15,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..data.dataset import ImageDataset
 from ..data.tasks import Task
+from .evaluate import EvalOptions, evaluate
 
-__all__ = ["held_out_crops", "fresh_metrics"]
+if TYPE_CHECKING:
+    from ..training.trainer import Trainer
+
+__all__ = ["held_out_crops", "fresh_metrics", "evaluate_tower"]
 
 
 def held_out_crops(
@@ -44,3 +49,23 @@ def fresh_metrics(path: Path, checkpoint: Path, **counts: Any) -> dict | None:
         return None
     saved = json.loads(path.read_text())
     return saved if all(v is None or saved.get(k) == v for k, v in counts.items()) else None
+
+
+def evaluate_tower(tr: Trainer, tiles: str | os.PathLike, samples: int, crop: int, images: int | None = None) -> dict:
+    """`evaluate` (no IvO) of a trained tower on held-out tiles, written to its run's eval/ and reused while that
+    metrics.json is newer than the tower's checkpoint and has the same counts (minutes per tower on a CPU:
+    Inception sees every sample). What the report's towers use."""
+    path = tr.out / "eval" / "metrics.json"
+    saved = fresh_metrics(path, tr.checkpoint_path, samples_per_input=samples, images=images, crop=crop)
+    if saved is not None:
+        return saved
+    return evaluate(
+        tr.model,
+        tr.task,
+        tiles,
+        num_samples=samples,
+        out_dir=path.parent,
+        crop=crop,
+        max_images=images,
+        options=EvalOptions(ivo_runs=0),
+    )

@@ -49,8 +49,7 @@ from ..distances import make_distance
 from ..search import level_costs, search_cost
 from ..training.config import Config, load_config
 from ..training.trainer import Trainer, train_or_reuse
-from .evaluate import EvalOptions, evaluate
-from .held_out import fresh_metrics
+from .held_out import evaluate_tower
 from .report import Block, table
 from .stats import VERDICT_Z, compare, mean_std
 
@@ -168,25 +167,6 @@ def cut_tiles(folder: Path, side: int) -> int:
     return len(list_images(folder))
 
 
-def _evaluate(tr: Trainer, tiles: Path, n: int, sz: PhotoSizes) -> dict[str, Any]:
-    """evaluate() on the first `n` held-out tiles, reused while its metrics.json is newer than the
-    tower's checkpoint and has the same counts (minutes per tower on a CPU: Inception sees every sample)."""
-    path = tr.out / "eval" / "metrics.json"
-    saved = fresh_metrics(path, tr.checkpoint_path, samples_per_input=sz.eval_samples, images=n, crop=sz.tile)
-    if saved is not None:
-        return saved
-    return evaluate(
-        tr.model,
-        tr.task,
-        tiles,
-        num_samples=sz.eval_samples,
-        out_dir=tr.out / "eval",
-        crop=sz.tile,
-        max_images=n,
-        options=EvalOptions(ivo_runs=0),
-    )
-
-
 def run(
     out: str | Path, sz: PhotoSizes = PhotoSizes(), data: str | Path | None = None, tiles: str | Path | None = None
 ) -> dict[str, Any]:
@@ -225,7 +205,7 @@ def run(
             "level_px": [h for h, _ in chimle.model.cfg.output_sizes(*chimle.input_hw)],
         }
         for method, tr, seconds in (("chimle", chimle, chimle_s), ("cimle", cimle, cimle_s)):
-            m = _evaluate(tr, tiles, n_tiles, sz)
+            m = evaluate_tower(tr, tiles, sz.eval_samples, sz.tile, n_tiles)
             runs.append(
                 {"method": method, "seed": seed, **{k: m[k] for k in METRICS}, "kid_subset_std": m["kid_std"]}
                 | {"final_loss": tr.last.get("loss", math.nan), "train_seconds": seconds}
