@@ -577,3 +577,23 @@ def test_bad_input_is_one_line_at_start_up(photo_dir, tmp_path, monkeypatch, cap
     assert rc == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert extra.get("name", "") in err
     assert not ckpt(tmp_path / "run").exists()
+
+
+def test_resumed_log_keeps_its_rows_on_disk_before_any_flush(tmp_path):
+    """A resume drops the rows that will be redone by an atomic replace and appends after them: a kill -9
+    before the first flush must not leave log.csv empty (a truncate-and-rewrite did, losing every session)."""
+    from chimle.training.runlog import CsvLog
+
+    path = tmp_path / "log.csv"
+    first = CsvLog(path, 0)
+    for s in range(1, 6):
+        first.write({"step": s, "loss": 0.5})
+    first.close()
+    log = CsvLog(path, 3)  # resumed from the checkpoint of step 3: steps 4 and 5 will be redone
+    assert read_csv_columns(path)["step"] == [1, 2, 3]  # on disk now, while the new log is still open
+    log.write({"step": 4, "loss": 0.25})
+    log.close()
+    assert read_csv_columns(path) == {"step": [1, 2, 3, 4], "loss": [0.5, 0.5, 0.5, 0.25]}
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    CsvLog(path, 4).close()  # nothing to drop: the file is untouched
+    assert read_csv_columns(path)["step"] == [1, 2, 3, 4]

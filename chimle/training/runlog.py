@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import sys
 import warnings
 from pathlib import Path
 
-from ..data.imageio import read_csv_columns
+from ..data.imageio import atomic_write, read_csv_columns
 from ..inference.figures import plot_curve
 from . import dist
 
@@ -78,16 +79,23 @@ class CsvLog:
     resume, rows past the checkpoint's step (steps that will be redone) are dropped first."""
 
     def __init__(self, path: Path, step: int):
-        rows = []
+        self.path = path
+        self.header = False
         if step > 0 and path.exists():
             with open(path, newline="") as f:
-                rows = [r for r in csv.reader(f)]
-            rows = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
-        self.path = path
-        self.f = open(path, "w", newline="")
+                rows = list(csv.reader(f))
+            kept = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+            if len(kept) < len(rows):
+                # one atomic replace, not a truncate and a rewrite: a crash before the first flush would
+                # otherwise leave the log empty, losing the rows of every earlier session
+                text = io.StringIO()
+                csv.writer(text).writerows(kept)
+                with self._named():
+                    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+            self.header = bool(kept)
+        with self._named():
+            self.f = open(path, "a" if step > 0 else "w", newline="")
         self.w = csv.writer(self.f)
-        self.w.writerows(rows)
-        self.header = bool(rows)
 
     def write(self, row: dict[str, float]) -> None:
         with self._named():
