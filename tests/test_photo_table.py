@@ -135,3 +135,33 @@ def test_a_missing_corpus_is_named_before_anything_trains(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="no photo corpus in .*: run scripts/fetch_photos.sh first"):
         photo_table.run(tmp_path / "out", photo_table.QUICK)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tower_another_process_holds_is_left_to_it(tmp_path, photo_dir, monkeypatch):
+    """The same --resume line in two terminals: a tower whose folder is locked (here by this test, as another
+    process's training would) is skipped, the others are trained meanwhile, and it is taken up once free;
+    its training-time record is not touched while another process holds it."""
+    from chimle.training.faults import RunLock
+
+    train, tiles = tmp_path / "train", tmp_path / "tiles"
+    train.mkdir()
+    shutil.copy(photo_dir / "coffee.png", train)
+    for i, (r, c) in enumerate(((0, 0), (64, 32), (128, 96))):
+        save_image(load_image(photo_dir / "chelsea.png")[:, r : r + 32, c : c + 32], tiles / f"t{i}.png")
+    sz = replace(photo_table.QUICK, data=str(train), seeds=1)
+    out = tmp_path / "photos"
+    other = RunLock(out / "chimle_s0")
+    other.acquire()
+    seen = []
+
+    def wait(seconds: float) -> None:  # the other process finishes CHIMLE's tower while this one waits
+        seen.append({p.name: (p / "train_seconds.json").exists() for p in (out / "chimle_s0", out / "cimle_s0")})
+        other.release()
+
+    monkeypatch.setattr(photo_table.time, "sleep", wait)
+    r = photo_table.run(out, sz, tiles=tiles)
+    assert seen == [{"chimle_s0": False, "cimle_s0": True}]  # cIMLE trained while CHIMLE's tower was held
+    assert [(x["method"], x["images"]) for x in r["runs"]] == [("chimle", 3), ("cimle", 3)]
+    for name in ("chimle_s0", "cimle_s0"):
+        assert json.loads((out / name / "train_seconds.json").read_text())["step"] == sz.steps
+        assert not (out / name / "train.lock").exists()

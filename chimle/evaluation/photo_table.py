@@ -19,8 +19,9 @@ cIMLE in standard errors (z, `chimle.evaluation.stats`) and paired over the matc
 
 OUT/METHOD_sSEED is a training run (resumed when interrupted, reused when finished) with its scores in
 eval/metrics.json (reused while newer than the checkpoint and made with the same counts) and its training
-wall time in train_seconds.json; OUT/tiles_TILEpx the held-out tiles; OUT/result.json every per-seed row and the
-tables; OUT/photos.png the figure.
+wall time in train_seconds.json. A tower whose folder another process holds (the same command in another
+terminal) is left to it and taken up when free, so several processes share the work. OUT/tiles_TILEpx the
+held-out tiles; OUT/result.json every per-seed row and the tables; OUT/photos.png the figure.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -48,6 +50,7 @@ from ..data.imageio import (
 from ..distances import make_distance
 from ..search import level_costs, search_cost
 from ..training.config import Config, load_config
+from ..training.faults import RunFolderBusy, locked
 from ..training.trainer import Trainer, train_or_reuse
 from .held_out import evaluate_tower
 from .report import Block, table
@@ -55,6 +58,9 @@ from .stats import VERDICT_Z, compare, mean_std
 
 __all__ = ["PhotoSizes", "QUICK", "METRICS", "METHODS", "run", "tower_config", "cut_tiles", "tables", "plot"]
 __all__ += ["verdict", "report_blocks"]
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 # evaluate()'s key -> True where lower is better (LPIPS diversity: higher, as the papers read it)
 METRICS: dict[str, bool] = {
@@ -143,17 +149,47 @@ def _timed_train(cfg: Config) -> tuple[Trainer, float]:
     OUT/train_seconds.json (an interrupted session's time counts too; reusing a finished tower adds none:
     its "step" is where the last session that returned left the tower, 0 until one has)."""
     path = cfg.out_dir / "train_seconds.json"
-    record = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "step": 0}
-    t0, trainer = time.time(), None
+    t0, trainer, busy = time.time(), None, False
     try:
         trainer = train_or_reuse(cfg, quiet=True)
+    except RunFolderBusy:  # another process trains it: the time (and the record) is that process's
+        busy = True
+        raise
     finally:
-        if record["step"] < cfg.train.steps:  # this session may have trained: its time counts
+        # read now, not before: another process may have finished the tower (and its record) meanwhile
+        record = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "step": 0}
+        if not busy and record["step"] < cfg.train.steps:  # this session may have trained: its time counts
             record["seconds"] += time.time() - t0
             record["step"] = trainer.step if trainer is not None else record["step"]
             data = json.dumps(record).encode()
             atomic_write(path, lambda f: f.write(data))
     return trainer, record["seconds"]
+
+
+def _shared(keys: list[K], work: Callable[[K], V], bar: tqdm, wait: float = 60.0) -> dict[K, V]:
+    """work(key) for every key, in order, the bar moving for each. A key whose run folder another process
+    holds (RunFolderBusy: it is training or evaluating that tower) is left to it and retried every `wait`
+    seconds after the others: so the same `--resume` line in several terminals works on several towers
+    at once, and each process reuses what the others finished."""
+    done: dict[K, V] = {}
+    while True:
+        for key in keys:
+            if key not in done:
+                try:
+                    done[key] = work(key)
+                    bar.update()
+                except RunFolderBusy:
+                    continue
+        if len(done) == len(keys):
+            return done
+        bar.set_postfix_str(f"waiting for {len(keys) - len(done)} held by other processes")
+        time.sleep(wait)
+
+
+def _locked_eval(tr: Trainer, tiles: Path, sz: PhotoSizes, n_tiles: int) -> dict[str, Any]:
+    """evaluate_tower under the tower's run-folder lock: one process evaluates it, the others reuse it."""
+    with locked(tr.out):
+        return evaluate_tower(tr, tiles, sz.eval_samples, sz.tile, n_tiles)
 
 
 def cut_tiles(folder: Path, side: int) -> int:
@@ -186,31 +222,32 @@ def run(
     available = len(list_images(tiles))
     n_tiles = available if sz.eval_images is None else min(available, sz.eval_images)
     lpips = make_distance(sz.distance)
-    runs: list[dict[str, Any]] = []
-    setup: dict[str, Any] = {}
+    # cIMLE at CHIMLE's search compute, in full-forward equivalents (FLOPs: the architecture's only, so one
+    # untrained CHIMLE tower gives it for every seed; building it trains and writes nothing)
+    probe = Trainer(tower_config(out / "chimle_s0", sz, data, 0, "chimle"), quiet=True)
+    cost = search_cost(level_costs(probe.model, probe.input_hw, lpips, probe.task.rgb), sz.schedule)
+    m_flat = max(1, round(cost))
+    setup = {
+        "chimle_cost": cost,
+        "m_flat": m_flat,
+        "input_px": probe.input_hw[0],
+        "level_px": [h for h, _ in probe.model.cfg.output_sizes(*probe.input_hw)],
+    }
+    del probe
     # seed by seed, CHIMLE then cIMLE: an interrupted run has whole pairs, and a rerun goes on where it stopped
-    bar = tqdm(total=2 * sz.seeds, desc="photo towers", unit="tower", dynamic_ncols=True)
-    for seed in range(sz.seeds):
-        chimle, chimle_s = _timed_train(tower_config(out / f"chimle_s{seed}", sz, data, seed, "chimle"))
-        bar.update()
-        # cIMLE at CHIMLE's search compute, in full-forward equivalents (FLOPs: the architecture's only)
-        cost = search_cost(level_costs(chimle.model, chimle.input_hw, lpips, chimle.task.rgb), sz.schedule)
-        m_flat = max(1, round(cost))
-        cimle, cimle_s = _timed_train(tower_config(out / f"cimle_s{seed}", sz, data, seed, "cimle", m_flat))
-        bar.update()
-        setup = {
-            "chimle_cost": cost,
-            "m_flat": m_flat,
-            "input_px": chimle.input_hw[0],
-            "level_px": [h for h, _ in chimle.model.cfg.output_sizes(*chimle.input_hw)],
-        }
-        for method, tr, seconds in (("chimle", chimle, chimle_s), ("cimle", cimle, cimle_s)):
-            m = evaluate_tower(tr, tiles, sz.eval_samples, sz.tile, n_tiles)
-            runs.append(
-                {"method": method, "seed": seed, **{k: m[k] for k in METRICS}, "kid_subset_std": m["kid_std"]}
-                | {"final_loss": tr.last.get("loss", math.nan), "train_seconds": seconds}
-                | {"eval_seconds": m["seconds"], "images": m["images"]}
-            )
+    keys = [(method, seed) for seed in range(sz.seeds) for method in METHODS]
+    configs = {k: tower_config(out / f"{k[0]}_s{k[1]}", sz, data, k[1], k[0], m_flat) for k in keys}
+    bar = tqdm(total=2 * len(keys), desc="photo towers (train, evaluate)", unit="step", dynamic_ncols=True)
+    towers = _shared(keys, lambda k: _timed_train(configs[k]), bar)
+    scores = _shared(keys, lambda k: _locked_eval(towers[k][0], tiles, sz, n_tiles), bar)
+    runs = []
+    for method, seed in keys:
+        (tr, seconds), m = towers[method, seed], scores[method, seed]
+        runs.append(
+            {"method": method, "seed": seed, **{k: m[k] for k in METRICS}, "kid_subset_std": m["kid_std"]}
+            | {"final_loss": tr.last.get("loss", math.nan), "train_seconds": seconds}
+            | {"eval_seconds": m["seconds"], "images": m["images"]}
+        )
     bar.close()
     tabled = tables(runs)
     plot(tabled["rows"], runs, out / "photos.png", setup["level_px"][0])
