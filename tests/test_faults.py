@@ -597,3 +597,9 @@ def test_resumed_log_keeps_its_rows_on_disk_before_any_flush(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
     CsvLog(path, 4).close()  # nothing to drop: the file is untouched
     assert read_csv_columns(path)["step"] == [1, 2, 3, 4]
+    with open(path, "ab") as f:  # a kill mid-write: the last row cut short, without its line end
+        f.write(b"5,0.1")
+    log = CsvLog(path, 5)  # kept (step 5), and the next row starts on a line of its own
+    log.write({"step": 6, "loss": 0.125})
+    log.close()
+    assert read_csv_columns(path) == {"step": [1, 2, 3, 4, 5, 6], "loss": [0.5, 0.5, 0.5, 0.25, 0.1, 0.125]}

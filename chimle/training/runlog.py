@@ -83,9 +83,11 @@ class CsvLog:
         self.header = False
         if step > 0 and path.exists():
             with open(path, newline="") as f:
-                rows = list(csv.reader(f))
+                raw = f.read()
+            rows = list(csv.reader(io.StringIO(raw)))
             kept = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
-            if len(kept) < len(rows):
+            # a last row cut short by a kill has no line end: rewritten, or the next row would be glued to it
+            if len(kept) < len(rows) or not raw.endswith("\n"):
                 # one atomic replace, not a truncate and a rewrite: a crash before the first flush would
                 # otherwise leave the log empty, losing the rows of every earlier session
                 text = io.StringIO()
