@@ -139,7 +139,7 @@ def test_a_missing_corpus_is_named_before_anything_trains(tmp_path, monkeypatch)
 
 def test_a_tower_another_process_holds_is_left_to_it(tmp_path, photo_dir, monkeypatch):
     """The same --resume line in two terminals: a tower whose folder is locked (here by this test, as another
-    process's training would) is skipped, the others are trained meanwhile, and it is taken up once free;
+    process's training would) is skipped, the others are trained and evaluated meanwhile, and it is taken up once free;
     its training-time record is not touched while another process holds it."""
     from chimle.training.faults import RunLock
 
@@ -155,12 +155,12 @@ def test_a_tower_another_process_holds_is_left_to_it(tmp_path, photo_dir, monkey
     seen = []
 
     def wait(seconds: float) -> None:  # the other process finishes CHIMLE's tower while this one waits
-        seen.append({p.name: (p / "train_seconds.json").exists() for p in (out / "chimle_s0", out / "cimle_s0")})
+        seen.append({p.name: (p / "eval" / "metrics.json").exists() for p in (out / "chimle_s0", out / "cimle_s0")})
         other.release()
 
     monkeypatch.setattr(photo_table.time, "sleep", wait)
     r = photo_table.run(out, sz, tiles=tiles)
-    assert seen == [{"chimle_s0": False, "cimle_s0": True}]  # cIMLE trained while CHIMLE's tower was held
+    assert seen == [{"chimle_s0": False, "cimle_s0": True}]  # cIMLE trained and evaluated while CHIMLE's was held
     assert [(x["method"], x["images"]) for x in r["runs"]] == [("chimle", 3), ("cimle", 3)]
     for name in ("chimle_s0", "cimle_s0"):
         assert json.loads((out / name / "train_seconds.json").read_text())["step"] == sz.steps

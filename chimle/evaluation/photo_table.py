@@ -237,12 +237,18 @@ def run(
     # seed by seed, CHIMLE then cIMLE: an interrupted run has whole pairs, and a rerun goes on where it stopped
     keys = [(method, seed) for seed in range(sz.seeds) for method in METHODS]
     configs = {k: tower_config(out / f"{k[0]}_s{k[1]}", sz, data, k[1], k[0], m_flat) for k in keys}
-    bar = tqdm(total=2 * len(keys), desc="photo towers (train, evaluate)", unit="step", dynamic_ncols=True)
-    towers = _shared(keys, lambda k: _timed_train(configs[k]), bar)
-    scores = _shared(keys, lambda k: _locked_eval(towers[k][0], tiles, sz, n_tiles), bar)
+
+    def tower(key: tuple[str, int]) -> tuple[Trainer, float, dict[str, Any]]:
+        # trained then evaluated as one piece of work: a process waiting for a tower another process trains
+        # evaluates the finished ones meanwhile, instead of idling until every tower is trained
+        tr, seconds = _timed_train(configs[key])
+        return tr, seconds, _locked_eval(tr, tiles, sz, n_tiles)
+
+    bar = tqdm(total=len(keys), desc="photo towers (trained and evaluated)", unit="tower", dynamic_ncols=True)
+    done = _shared(keys, tower, bar)
     runs = []
     for method, seed in keys:
-        (tr, seconds), m = towers[method, seed], scores[method, seed]
+        tr, seconds, m = done[method, seed]
         runs.append(
             {"method": method, "seed": seed, **{k: m[k] for k in METRICS}, "kid_subset_std": m["kid_std"]}
             | {"final_loss": tr.last.get("loss", math.nan), "train_seconds": seconds}
