@@ -14,6 +14,7 @@ mid-round). docs/models.md has what it measured.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -24,14 +25,12 @@ from chimle.distances.lpips import LPIPS
 
 
 def cell_distances(lp: LPIPS, fa: list[torch.Tensor], fb: list[torch.Tensor], g: int) -> torch.Tensor:
-    """(N, G, G): LPIPS' per-layer distance maps, each pooled to the G x G grid and summed (the spatial
-    average of LPIPS over each cell)."""
-    total = 0
-    for lin, a, b in zip(lp.lin, fa, fb, strict=True):
-        d = F.conv2d((a.float() - b.float()).pow(2), lin.weight.float())  # (N, 1, h, w)
-        # upsampled first: the deepest taps of a small level can be smaller than the grid
-        total = total + F.adaptive_avg_pool2d(F.interpolate(d, size=(4 * g, 4 * g), mode="bilinear"), g)
-    return total[:, 0]
+    """(N, G, G): LPIPS' spatial map (`distance_from_features` without the spatial average) pooled to the
+    G x G grid, i.e. the average of LPIPS over each cell."""
+    spatial = copy.copy(lp)  # the same weights, only the map kept
+    spatial.spatial_average = False
+    # the map at 4G x 4G first: the deepest taps of a small level can be smaller than the grid
+    return F.adaptive_avg_pool2d(spatial.distance_from_features(fa, fb, size=(4 * g, 4 * g)), g)[:, 0]
 
 
 def regional(model, x, y, distance, samples_per_level, generator=None, *, to_rgb=None, **_) -> search.Selection:
