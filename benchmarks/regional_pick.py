@@ -7,9 +7,10 @@ With `model.style_grid` G > 1, the plain search keeps, at each level, the candid
 output is nearest the target; with G x G independent regional styles almost no candidate has every region
 right. This probe trains with a search that judges each candidate cell by cell (LPIPS' spatial map pooled
 to the grid) and gives every cell the style vector and the noise of the candidate best *in that cell*,
-then the next level builds on that composed code. It patches `chimle.search.hierarchical` for this process
-only (a probe, not a method of the library: its picks are not replayable, so such a run cannot `--resume`
-mid-round). docs/models.md has what it measured.
+then the next level builds on that composed code. With one style vector (the papers' tower, as for 8x SR)
+only the noise is chosen cell by cell (`NOISE_CELLS`), the style being the best whole candidate's. It
+patches `chimle.search.hierarchical` for this process only (a probe, not a method of the library: its
+picks are not replayable, so such a run cannot `--resume` mid-round). docs/models.md has what it measured.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import torch.nn.functional as F
 
 from chimle import latent, search
 from chimle.distances.lpips import LPIPS
+
+# With one style vector (style_grid 1) the style is the whole candidate's and only the spatial noise is
+# chosen per cell, on this grid: a composed noise map is still an i.i.d. N(0, I) draw, as the prior's.
+NOISE_CELLS = 4
 
 
 def cell_distances(lp: LPIPS, fa: list[torch.Tensor], fb: list[torch.Tensor], g: int) -> torch.Tensor:
@@ -36,7 +41,8 @@ def cell_distances(lp: LPIPS, fa: list[torch.Tensor], fb: list[torch.Tensor], g:
 def regional(model, x, y, distance, samples_per_level, generator=None, *, to_rgb=None, **_) -> search.Selection:
     """Algorithm 1 with each grid cell's component chosen on its own (see the module docstring)."""
     sc = search.Scorer(model, x, y, distance, to_rgb, None)
-    g, n = sc.layout.style_grid, x.shape[0]
+    n = x.shape[0]
+    g = sc.layout.style_grid if sc.layout.style_grid > 1 else NOISE_CELLS
     chosen, picks, prefix = [], [], sc.initial
     with sc.context():
         for l, m in enumerate(samples_per_level, 1):
@@ -48,7 +54,10 @@ def regional(model, x, y, distance, samples_per_level, generator=None, *, to_rgb
             d = cell_distances(distance, distance.features(out.float()), target, g).view(n, m, g, g)
             best = d.argmin(1)  # (N, G, G): the winning candidate of every cell
             style = z.style.view(n, m, *z.style.shape[1:])
-            style = style.gather(1, best[:, None, None].expand(n, 1, style.shape[2], g, g))[:, 0]
+            if sc.layout.style_grid == 1:  # one style vector: the whole candidate's; the noise per cell
+                style = style[torch.arange(n, device=sc.device), d.mean((2, 3)).argmin(1)]
+            else:
+                style = style.gather(1, best[:, None, None].expand(n, 1, style.shape[2], g, g))[:, 0]
             noise = z.noise.view(n, m, *z.noise.shape[1:])
             h, w = noise.shape[-2:]
             cell = F.interpolate(best[:, None].float(), size=(h, w), mode="nearest").long()  # each pixel's cell
