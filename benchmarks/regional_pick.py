@@ -41,8 +41,8 @@ def cell_distances(lp: LPIPS, fa: list[torch.Tensor], fb: list[torch.Tensor], g:
 def regional(model, x, y, distance, samples_per_level, generator=None, *, to_rgb=None, **_) -> search.Selection:
     """Algorithm 1 with each grid cell's component chosen on its own (see the module docstring)."""
     sc = search.Scorer(model, x, y, distance, to_rgb, None)
-    n = x.shape[0]
-    g = sc.layout.style_grid if sc.layout.style_grid > 1 else NOISE_CELLS
+    n, style_grid = x.shape[0], sc.layout.style_grid > 1
+    g = sc.layout.style_grid if style_grid else NOISE_CELLS
     chosen, picks, prefix = [], [], sc.initial
     with sc.context():
         for l, m in enumerate(samples_per_level, 1):
@@ -53,17 +53,18 @@ def regional(model, x, y, distance, samples_per_level, generator=None, *, to_rgb
             target = [f.index_select(0, rows) for f in sc._target(l)]
             d = cell_distances(distance, distance.features(out.float()), target, g).view(n, m, g, g)
             best = d.argmin(1)  # (N, G, G): the winning candidate of every cell
+            whole = d.mean((2, 3)).argmin(1)  # (N,): the best whole candidate
             style = z.style.view(n, m, *z.style.shape[1:])
-            if sc.layout.style_grid == 1:  # one style vector: the whole candidate's; the noise per cell
-                style = style[torch.arange(n, device=sc.device), d.mean((2, 3)).argmin(1)]
-            else:
+            if style_grid:
                 style = style.gather(1, best[:, None, None].expand(n, 1, style.shape[2], g, g))[:, 0]
+            else:  # one style vector: the whole candidate's; only the noise per cell
+                style = style[torch.arange(n, device=sc.device), whole]
             noise = z.noise.view(n, m, *z.noise.shape[1:])
             h, w = noise.shape[-2:]
             cell = F.interpolate(best[:, None].float(), size=(h, w), mode="nearest").long()  # each pixel's cell
             noise = noise.gather(1, cell[:, None].expand(n, 1, noise.shape[2], h, w))[:, 0]
             chosen.append(latent.Component(style.contiguous(), noise.contiguous()))
-            picks.append(d.mean((2, 3)).argmin(1))  # stored by checkpoints; not enough to replay the composition
+            picks.append(whole)  # stored by checkpoints; not enough to replay the composition
             prefix = sc.step(l, prefix, chosen[-1])
         dists = sc.score(sc.initial, 1, chosen, 1)[:, 0]
     codes = [latent.Component(c.style.clone(), c.noise.clone()) for c in chosen]
