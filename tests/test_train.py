@@ -112,6 +112,29 @@ def test_resume_follows_same_trajectory(photo_dir, tmp_path):
         assert torch.equal(p, q), k
 
 
+def test_init_from_fine_tunes_a_trained_tower_and_refuses_another(photo_dir, tmp_path):
+    src = Trainer(tiny_cfg(photo_dir, tmp_path / "a", **{"train.steps": 3}), quiet=True)
+    src.run()
+    ckpt = str(tmp_path / "a" / "checkpoints" / "last.pt")
+    ft = Trainer(tiny_cfg(photo_dir, tmp_path / "b", **{"train.init_from": ckpt, "train.seed": 1}), quiet=True)
+    assert ft.step == 0 and ft.opt.state == {}  # fresh optimizer and step count
+    for (k, p), q in zip(src.model.state_dict().items(), ft.model.state_dict().values()):
+        assert torch.equal(p, q), k
+    fresh = Trainer(tiny_cfg(photo_dir, tmp_path / "c", **{"train.seed": 1}), quiet=True)
+    assert not all(torch.equal(p, q) for p, q in zip(fresh.model.parameters(), ft.model.parameters()))
+    ft.run()
+    assert read_csv_columns(tmp_path / "b" / "log.csv")["step"][-1] == 12
+    larger = Trainer(tiny_cfg(photo_dir, tmp_path / "g", **{"train.init_from": ckpt, "data.crop": 32}), quiet=True)
+    assert larger.model_cfg.input_size != src.model_cfg.input_size  # another crop is the same tower
+    assert torch.equal(next(larger.model.parameters()), next(src.model.parameters()))
+    with pytest.raises(ConfigError, match=r"train.init_from .* another tower .*blocks"):
+        Trainer(tiny_cfg(photo_dir, tmp_path / "d", **{"train.init_from": ckpt, "model.blocks": 3}), quiet=True)
+    with pytest.raises(ConfigError, match="is a sr model; this config trains colorize"):
+        Trainer(tiny_cfg(photo_dir, tmp_path / "e", **{"train.init_from": ckpt, "data.task": "colorize"}), quiet=True)
+    with pytest.raises(checkpoint.CheckpointError, match="nope.pt"):
+        Trainer(tiny_cfg(photo_dir, tmp_path / "f", **{"train.init_from": str(tmp_path / "nope.pt")}), quiet=True)
+
+
 def test_interrupted_checkpoint_write_keeps_previous(photo_dir, tmp_path, monkeypatch):
     tr = Trainer(tiny_cfg(photo_dir, tmp_path, **{"train.steps": 5}), quiet=True)
     tr.run()

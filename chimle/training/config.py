@@ -98,6 +98,10 @@ class TrainConfig:
     pixel_weight: float = 0.0  # weight of an extra per-level L1 loss (0 = LPIPS only, as the paper)
     loss_rebalance: bool = False  # layout: per-pixel loss weights from each category's rarity (cIMLE 4.2.3)
     seed: int = 0  # seeds the crops, the searches and the batch order
+    # Fine-tuning: the tower's weights start from this model (what `chimle.load` takes: a shipped name, a
+    # .safetensors file, a run's checkpoint or a model folder) instead of a random init; the optimizer and
+    # the step count start fresh. The config must build the same tower for the same task ("" = random init).
+    init_from: str = ""
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     checkpoint_every: int = 500  # steps between full-state checkpoints (also written at exit / Ctrl-C)

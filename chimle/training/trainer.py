@@ -26,6 +26,7 @@ from its last checkpoint by itself (docs/distributed.md). What a run logs is `ch
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -43,12 +44,12 @@ from ..data.tasks import Task, make_task
 from ..distances import make_distance
 from ..inference.figures import save_grid
 from ..inference.sample import generate
-from ..inference.weights import CheckpointError, load_state
+from ..inference.weights import CheckpointError, load_state, load_with_task
 from ..model import TowerModel
 from ..rng import Stream, seeded
 from . import dist
 from .checkpoint import FORMAT, nonfinite, previous_path, trajectory_changes
-from .config import Config, dump_config, resolve_model
+from .config import Config, ConfigError, dump_config, resolve_model
 from .faults import (
     CheckpointFormatError,
     CheckpointWriteError,
@@ -106,6 +107,8 @@ class Trainer:
             self.rarity, self.layout_stats = self._rarity()
         torch.manual_seed(t.seed)  # the model's initial weights
         self.model = TowerModel(self.model_cfg).to(self.device)
+        if t.init_from:
+            self._init_weights(t.init_from)
         self.distance = make_distance(cfg.search.distance).to(self.device)
         self.opt = torch.optim.Adam(param_groups(self.model, t.lr, t.mapping_lr_mult), betas=(t.beta1, t.beta2))
         self.faults = Faults(self)  # non-finite steps (its optimizer hook drops their updates), exit handling
@@ -132,6 +135,24 @@ class Trainer:
             self._resume()
 
     # -- setup ----------------------------------------------------------------------------------
+    def _init_weights(self, source: str) -> None:
+        """Fine-tuning (`train.init_from`): copy a trained tower's weights into this run's fresh one. Both
+        must be the same tower for the same task, or the weights would be meaningless (or not fit at all)."""
+        model, task_cfg = load_with_task(source)
+        where = f"train.init_from '{source}'"
+        if task_cfg.get("name") != self.task.name:
+            raise ConfigError(f"{where} is a {task_cfg.get('name')} model; this config trains {self.task.name}")
+        # every field but input_size, the default input side for sampling, which a fine-tune's crop may change
+        names = [f.name for f in dataclasses.fields(self.model_cfg) if f.name != "input_size"]
+        there, here = ({n: getattr(c, n) for n in names} for c in (model.cfg, self.model_cfg))
+        diffs = [f"{n}: {there[n]!r} there, {here[n]!r} here" for n in names if there[n] != here[n]]
+        if diffs:
+            raise ConfigError(
+                f"{where} is another tower than this config builds ({'; '.join(diffs)}): set the same preset "
+                "and model options"
+            )
+        self.model.load_state_dict(model.state_dict())
+
     def _task_kw(self) -> dict[str, Any]:
         d = self.cfg.data
         if d.task == "layout":
