@@ -133,6 +133,10 @@ def test_init_from_fine_tunes_a_trained_tower_and_refuses_another(photo_dir, tmp
         Trainer(tiny_cfg(photo_dir, tmp_path / "e", **{"train.init_from": ckpt, "data.task": "colorize"}), quiet=True)
     with pytest.raises(checkpoint.CheckpointError, match="nope.pt"):
         Trainer(tiny_cfg(photo_dir, tmp_path / "f", **{"train.init_from": str(tmp_path / "nope.pt")}), quiet=True)
+    (tmp_path / "a" / "checkpoints" / "last.pt").unlink()  # a fine-tune resumes without its source
+    again = {"train.init_from": ckpt, "train.seed": 1, "train.steps": 14}
+    resumed = Trainer(tiny_cfg(photo_dir, tmp_path / "b", **again), resume=True, quiet=True)
+    assert resumed.step == 12
 
 
 def test_interrupted_checkpoint_write_keeps_previous(photo_dir, tmp_path, monkeypatch):

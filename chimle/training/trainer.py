@@ -107,8 +107,6 @@ class Trainer:
             self.rarity, self.layout_stats = self._rarity()
         torch.manual_seed(t.seed)  # the model's initial weights
         self.model = TowerModel(self.model_cfg).to(self.device)
-        if t.init_from:
-            self._init_weights(t.init_from)
         self.distance = make_distance(cfg.search.distance).to(self.device)
         self.opt = torch.optim.Adam(param_groups(self.model, t.lr, t.mapping_lr_mult), betas=(t.beta1, t.beta2))
         self.faults = Faults(self)  # non-finite steps (its optimizer hook drops their updates), exit handling
@@ -133,6 +131,8 @@ class Trainer:
             resume = dist.any_rank(int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0 and saved)
         if resume:
             self._resume()
+        elif t.init_from:  # not on resume: the run's weights are its checkpoint's, the source may be gone
+            self._init_weights(t.init_from)
 
     # -- setup ----------------------------------------------------------------------------------
     def _init_weights(self, source: str) -> None:
