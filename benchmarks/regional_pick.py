@@ -10,7 +10,7 @@ to the grid) and gives every cell the style vector and the noise of the candidat
 then the next level builds on that composed code. With one style vector (the papers' tower, as for 8x SR)
 only the noise is chosen cell by cell (`NOISE_CELLS`), the style being the best whole candidate's. It
 patches `chimle.search.hierarchical` for this process only (a probe, not a method of the library: its
-picks are not replayable, so such a run cannot `--resume` mid-round). docs/models.md has what it measured.
+picks are not replayable, so such a run cannot `--resume` mid-round). docs/research.md has what it measured.
 """
 
 from __future__ import annotations

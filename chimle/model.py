@@ -121,7 +121,7 @@ class TowerConfig:
     # chimle's own option: each level's style is a G x G grid of vectors (i.i.d. N(0, I)), each mapped on
     # its own; the AdaINs' gamma and beta are bilinearly upsampled from the grid to the feature's size, so
     # the modulation varies smoothly over the image. G = 1 is the papers' single style vector. Why: a
-    # single style makes colourisation's modes whole-image tints (docs/models.md); a grid allows regional ones.
+    # single style makes colourisation's modes whole-image tints (docs/research.md); a grid allows regional ones.
     style_grid: int = 1
 
     # Fields written by `to_dict` only when they differ from their defaults, so that every existing config
