@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from chimle.data.imageio import builtin_photos
+from chimle.data.imageio import builtin_photos, cut_tiles
 from chimle.data.tasks import make_task
 from chimle.evaluation.metrics import lpips_diversity
 from chimle.inference.sample import generate
@@ -26,16 +26,8 @@ from chimle.inference.weights import load_with_task
 
 
 def tiles(side: int) -> torch.Tensor:
-    """Every held-out photo cut into non-overlapping side x side tiles (the remainder dropped)."""
-    out = []
-    for photo in builtin_photos():
-        h, w = photo.shape[-2:]
-        out += [
-            photo[:, t : t + side, l : l + side]
-            for t in range(0, h - side + 1, side)
-            for l in range(0, w - side + 1, side)
-        ]
-    return torch.stack(out)
+    """Every held-out photo cut into the model cards' tiles."""
+    return torch.stack([tile for photo in builtin_photos() for _, _, tile in cut_tiles(photo, side)])
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import csv
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -243,14 +243,21 @@ def save_image(x: torch.Tensor, path: PathLike, quality: int = 95) -> Path:
     return path
 
 
-def save_tiles(image: torch.Tensor, folder: PathLike, side: int, stem: str) -> int:
-    """Cut (C, H, W) into non-overlapping side x side tiles (the remainder dropped), written as
-    folder/STEM_TOP_LEFT.png: many held-out images from a few photos (KID needs more than a handful)."""
-    n = 0
+def cut_tiles(image: torch.Tensor, side: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(top, left, tile) for the non-overlapping side x side tiles of (C, H, W), row by row (the remainder
+    dropped)."""
     for top in range(0, image.shape[-2] - side + 1, side):
         for left in range(0, image.shape[-1] - side + 1, side):
-            save_image(image[:, top : top + side, left : left + side], Path(folder) / f"{stem}_{top}_{left}.png")
-            n += 1
+            yield top, left, image[:, top : top + side, left : left + side]
+
+
+def save_tiles(image: torch.Tensor, folder: PathLike, side: int, stem: str) -> int:
+    """`cut_tiles` written as folder/STEM_TOP_LEFT.png: many held-out images from a few photos (KID needs
+    more than a handful). Returns how many."""
+    n = 0
+    for top, left, tile in cut_tiles(image, side):
+        save_image(tile, Path(folder) / f"{stem}_{top}_{left}.png")
+        n += 1
     return n
 
 
